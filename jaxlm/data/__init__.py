@@ -1,0 +1,1 @@
+"""The data layer: record schemas, readers, TFDS builders, sources, grain pipelines, the world."""

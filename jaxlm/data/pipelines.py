@@ -1,0 +1,407 @@
+"""Grain input pipelines, one per use: pretraining, SFT, preference pairs, prompts.
+
+Every pipeline reads a random-access `RecordSource` (see `jaxlm.data.sources`) and returns a
+`grain.IterDataset` of numpy batches. Iterating it gives a grain `DatasetIterator` whose
+`get_state()` / `set_state()` checkpoint the exact position, so a resumed run sees exactly the
+batches the interrupted one would have.
+
+Order of operations, the same in every pipeline::
+
+  record indices ─► this host's slice [i::n] ─► shuffle(seed), reshuffled each epoch ─► repeat
+    ─► tokenize / render (+ truncate or drop, counted) ─► pack or pad ─► batch
+
+* **Determinism.** Everything is a pure function of (source, seed, host index, host count):
+  no wall-clock, no thread-order dependence (grain's threaded reads keep order).
+* **Hosts.** Each host takes a disjoint, fixed slice of the records (`index::count`) and
+  builds batches of `batch_size` rows; `batch_size` here is per host (global batch divided by
+  `jax.process_count()`). The trainer turns the per-host batches into one global array.
+* **Lengths.** Examples longer than the context are truncated or dropped (`length_policy`);
+  either way `PipelineStats` counts them, and a pipeline that drops more than
+  `max_drop_fraction` of what it has seen raises `DataError` instead of training on a sliver of
+  the data.
+
+Batch layouts (all int32 unless noted; padding is 0 everywhere, which is also the pad id):
+
+**LM batches** (pretraining, SFT), shapes `[B, L]`::
+
+  inputs        token ids fed to the model
+  targets       the next token for every input position (shifted by one in the pipeline)
+  loss_mask     bool; True where the target is trained on
+  segment_ids   1, 2, ... per packed example; 0 for padding (attention never crosses segments)
+  positions     position of each token within its own example (restarts at 0 per segment)
+
+Pretraining packs documents `<bos> text <eos>` with concat-then-split (a long document
+continues in the next row); the loss covers every real target. SFT renders conversations with
+the chat template, whose assistant-only mask becomes `loss_mask` (shifted with the targets), and
+either packs whole conversations first-fit (`packing=True`; a conversation is never split) or
+pads one per row.
+
+**Pair batches** (reward model, DPO): for each side `s` in (`chosen`, `rejected`)::
+
+  s_tokens      [B, L] the whole sequence prompt + response (+ <|end|>), unshifted
+  s_loss_mask   [B, L] bool; True at response tokens, i.e. the tokens a policy is scored on
+                (log p(tokens[t] | tokens[:t]) for t where the mask is True)
+  s_segment_ids [B, L] 1 for real tokens, 0 for padding
+  s_positions   [B, L]
+  s_last_index  [B]    index of the response's last real token (its <|end|>): the reward model
+                reads its scalar head there, never at a pad token
+
+plus `record_index` [B] (the pair's index in the source, e.g. for its gold rewards in `meta`)
+and `valid` [B] (False for padding rows of a final, partial batch).
+
+Pairs are kept unshifted because the reward model reads the last token itself; DPO shifts.
+
+**Prompt batches** (generation: PPO rollouts, evaluation)::
+
+  prompt_tokens  [B, P] rendered prompt ending with <|assistant|>, right-padded with 0
+  prompt_lengths [B]    number of real tokens
+  record_index   [B]    index into the source, to look up the record (gold reward metadata)
+  valid          [B]    bool; False for padding rows of a final, partial batch
+
+Finite passes (`num_epochs=1`, used for evaluation) end with a batch padded to full size
+(padding rows have an all-False mask / `valid=False`) so that shapes never change.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from typing import Any, Callable, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from jaxlm import chat_template
+from jaxlm.data.errors import DataError
+
+LENGTH_POLICIES = ("truncate", "drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostShard:
+  """Which slice of the records this host reads: records `index::count`."""
+
+  index: int = 0
+  count: int = 1
+
+  def __post_init__(self):
+    if not 0 <= self.index < self.count:
+      raise ValueError(f"HostShard index {self.index} not in [0, {self.count})")
+
+  @classmethod
+  def from_jax(cls) -> "HostShard":
+    import jax  # Deferred so data-only tools do not initialise a JAX backend.
+
+    return cls(jax.process_index(), jax.process_count())
+
+
+class PipelineStats:
+  """Counts of what a pipeline did with each record: kept whole, truncated, or dropped (why).
+
+  Thread-safe, since grain may map records on several threads. `check()` raises when more than
+  `max_drop_fraction` of the records seen were dropped, once at least `min_seen` were seen, so a
+  context length that is far too short fails loudly instead of silently training on the few
+  examples that fit.
+  """
+
+  def __init__(self, name: str, *, max_drop_fraction: float = 0.5, min_seen: int = 200):
+    self.name = name
+    self.max_drop_fraction = max_drop_fraction
+    self.min_seen = min_seen
+    self.seen = 0
+    self.truncated = 0
+    self.dropped: collections.Counter[str] = collections.Counter()
+    self._lock = threading.Lock()
+
+  def record(self, *, truncated: bool = False, dropped: str | None = None) -> None:
+    with self._lock:
+      self.seen += 1
+      self.truncated += int(truncated)
+      if dropped:
+        self.dropped[dropped] += 1
+      self._check()
+
+  def _check(self) -> None:
+    n_dropped = sum(self.dropped.values())
+    if self.seen >= self.min_seen and n_dropped > self.max_drop_fraction * self.seen:
+      raise DataError(
+          self.name,
+          f"dropped {n_dropped} of the first {self.seen} examples ({dict(self.dropped)}); "
+          "raise the maximum length, or use length_policy='truncate'")
+
+  def summary(self) -> dict[str, Any]:
+    with self._lock:
+      return {"seen": self.seen, "truncated": self.truncated, "dropped": sum(self.dropped.values()),
+              "dropped_by_reason": dict(self.dropped)}
+
+  def __repr__(self) -> str:
+    return f"PipelineStats({self.name}: {self.summary()})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared building blocks.
+# ---------------------------------------------------------------------------------------------
+
+
+def _indexed_records(source, *, seed: int, shard: HostShard, shuffle: bool,
+                     num_epochs: int | None) -> grain.MapDataset:
+  """(source index, record) pairs for this host, shuffled per epoch, repeated."""
+  if len(source) == 0:
+    raise DataError(getattr(source, "description", ""), "the source has no records")
+  indices = grain.MapDataset.range(len(source))[shard.index::shard.count]
+  if len(indices) == 0:
+    raise DataError(getattr(source, "description", ""),
+                    f"{len(source)} records cannot be split over {shard.count} hosts")
+  if shuffle:
+    indices = indices.shuffle(seed=seed)
+  # `repeat` reseeds the shuffle each epoch, so every epoch has a new order.
+  return indices.repeat(num_epochs).map(lambda i: (int(i), source[int(i)]))
+
+
+def _where(source, index: int) -> str:
+  return f"{getattr(source, 'description', 'source')}[{index}]"
+
+
+def _to_iter(ds: grain.MapDataset, num_threads: int) -> grain.IterDataset:
+  # Threads overlap tokenisation with the training step; grain keeps the order deterministic.
+  # Dropped examples are None, which `to_iter_dataset` skips (allow_nones=False).
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4 * max(1, num_threads)))
+
+
+def _check_policy(length_policy: str) -> None:
+  if length_policy not in LENGTH_POLICIES:
+    raise ValueError(f"length_policy must be one of {LENGTH_POLICIES}, got {length_policy!r}")
+
+
+def _pad_batch_fn(batch_size: int) -> Callable[[Sequence[Mapping[str, np.ndarray]]], dict[str, np.ndarray]]:
+  """Stacks examples and zero-pads a final, short batch to `batch_size` rows."""
+
+  def stack(examples):
+    out = {}
+    for key in examples[0]:
+      arr = np.stack([np.asarray(e[key]) for e in examples])
+      if len(examples) < batch_size:
+        pad = np.zeros((batch_size - len(examples),) + arr.shape[1:], arr.dtype)
+        arr = np.concatenate([arr, pad])
+      out[key] = arr
+    return out
+
+  return stack
+
+
+def _batch(ds: grain.IterDataset, batch_size: int, finite: bool) -> grain.IterDataset:
+  # Infinite streams never end, so drop_remainder changes nothing there; finite passes keep
+  # their last examples, padded so that jitted consumers see a single shape.
+  return ds.batch(batch_size, drop_remainder=False, batch_fn=_pad_batch_fn(batch_size) if finite else None)
+
+
+def _pad_to(x: np.ndarray, length: int, dtype=np.int32) -> np.ndarray:
+  out = np.zeros((length,), dtype)
+  out[: len(x)] = x
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining.
+# ---------------------------------------------------------------------------------------------
+
+
+def pretraining_dataset(source, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0,
+                        shard: HostShard = HostShard(), num_epochs: int | None = None,
+                        shuffle: bool = True, num_threads: int = 2) -> grain.IterDataset:
+  """Packed next-token batches from a `text` source: an LM batch of shape [batch_size, seq_len].
+
+  Each document becomes `<bos> ids <eos>`; inputs are all but its last token and targets all
+  but its first, so a target never belongs to another document. Documents are then packed with
+  concat-then-split: rows are always full except the very last of a finite pass.
+  """
+
+  def tokenize(item):
+    _, record = item
+    ids = np.asarray([tokenizer.bos_id] + tokenizer.encode(record["text"]) + [tokenizer.eos_id], np.int32)
+    return {"inputs": ids[:-1], "targets": ids[1:]}
+
+  records = _indexed_records(source, seed=seed, shard=shard, shuffle=shuffle, num_epochs=num_epochs)
+  docs = _to_iter(records.map(tokenize), num_threads)
+  packed = grain.experimental.ConcatThenSplitIterDataset(docs, length_struct={"inputs": seq_len, "targets": seq_len})
+  return _batch(packed.map(_lm_layout), batch_size, finite=num_epochs is not None)
+
+
+def _lm_layout(packed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """grain's packed features -> the LM batch layout (one segment_ids / positions per row)."""
+  segment_ids = packed["inputs_segment_ids"].astype(np.int32)
+  loss_mask = packed["loss_mask"].astype(bool) if "loss_mask" in packed else segment_ids > 0
+  return {
+      "inputs": packed["inputs"].astype(np.int32),
+      "targets": packed["targets"].astype(np.int32),
+      "loss_mask": loss_mask & (segment_ids > 0),
+      "segment_ids": segment_ids,
+      "positions": packed["inputs_positions"].astype(np.int32),
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised fine-tuning.
+# ---------------------------------------------------------------------------------------------
+
+
+def render_sft_example(tokenizer, record, *, max_len: int, length_policy: str, where: str):
+  """One chat record -> (shifted example, truncated?) or (None, reason) when it is dropped.
+
+  The example has `inputs`, `targets`, `loss_mask` of one length <= max_len. Truncation keeps
+  the first max_len + 1 tokens (the start of the conversation is what later turns depend on).
+  """
+  ids, mask = chat_template.render_chat(tokenizer, record["messages"], where=where)
+  truncated = len(ids) > max_len + 1
+  if truncated:
+    if length_policy == "drop":
+      return None, "longer than max_len"
+    ids, mask = ids[: max_len + 1], mask[: max_len + 1]
+    if not mask[1:].any():
+      return None, "no trainable token left after truncation"
+  example = {"inputs": ids[:-1].astype(np.int32), "targets": ids[1:].astype(np.int32),
+             "loss_mask": mask[1:].astype(np.int32)}
+  return example, truncated
+
+
+def sft_dataset(source, tokenizer, *, max_len: int, batch_size: int, seed: int = 0,
+                shard: HostShard = HostShard(), num_epochs: int | None = None, shuffle: bool = True,
+                packing: bool = True, length_policy: str = "truncate", num_packing_bins: int | None = None,
+                stats: PipelineStats | None = None, num_threads: int = 2) -> grain.IterDataset:
+  """Chat batches with the assistant-only loss mask: an LM batch of shape [batch_size, max_len].
+
+  With `packing`, whole conversations are packed first-fit into rows (several per row, none
+  split), which wastes far fewer positions on padding than one conversation per row.
+  """
+  _check_policy(length_policy)
+  stats = stats if stats is not None else PipelineStats(f"sft:{getattr(source, 'description', '')}")
+
+  def render(item):
+    index, record = item
+    example, outcome = render_sft_example(tokenizer, record, max_len=max_len, length_policy=length_policy,
+                                          where=_where(source, index))
+    stats.record(truncated=outcome is True, dropped=None if example is not None else outcome)
+    return example
+
+  records = _indexed_records(source, seed=seed, shard=shard, shuffle=shuffle, num_epochs=num_epochs)
+  examples = _to_iter(records.map(render), num_threads)
+  if packing:
+    features = ("inputs", "targets", "loss_mask")
+    packed = grain.experimental.FirstFitPackIterDataset(
+        examples, length_struct={k: max_len for k in features},
+        num_packing_bins=num_packing_bins or batch_size, seed=seed, shuffle_bins=False)
+    rows = packed.map(_lm_layout)
+  else:
+    rows = examples.map(lambda e: _pad_lm_example(e, max_len))
+  return _batch(rows, batch_size, finite=num_epochs is not None)
+
+
+def _pad_lm_example(example: Mapping[str, np.ndarray], max_len: int) -> dict[str, np.ndarray]:
+  n = len(example["inputs"])
+  return {
+      "inputs": _pad_to(example["inputs"], max_len),
+      "targets": _pad_to(example["targets"], max_len),
+      "loss_mask": _pad_to(example["loss_mask"], max_len, bool),
+      "segment_ids": _pad_to(np.ones(n, np.int32), max_len),
+      "positions": _pad_to(np.arange(n, dtype=np.int32), max_len),
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference pairs.
+# ---------------------------------------------------------------------------------------------
+
+
+def _fit_prompt(prompt_ids: np.ndarray, budget: int, bos_id: int) -> np.ndarray | None:
+  """Keeps the last `budget` tokens of a prompt (with its <bos> in front), or None if < 2 fit."""
+  if len(prompt_ids) <= budget:
+    return prompt_ids
+  if budget < 2:
+    return None
+  return np.concatenate([[bos_id], prompt_ids[len(prompt_ids) - (budget - 1):]]).astype(np.int32)
+
+
+def render_pair(tokenizer, record, *, max_len: int, length_policy: str):
+  """A preference record -> (pair example, truncated?) or (None, reason).
+
+  Both sides share one prompt, truncated from the left (the latest turns matter most for the
+  response) to leave room for the longer response; a response is never cut, since its last
+  token is where the reward model reads.
+  """
+  prompt = chat_template.render_prompt(tokenizer, record["prompt"])
+  responses = {side: chat_template.render_response(tokenizer, record[side]) for side in ("chosen", "rejected")}
+  budget = max_len - max(len(r) for r in responses.values())
+  truncated = len(prompt) > budget
+  if truncated:
+    if length_policy == "drop":
+      return None, "longer than max_len"
+    prompt = _fit_prompt(prompt, budget, tokenizer.bos_id)
+    if prompt is None:
+      return None, "response alone is longer than max_len"
+  example = {}
+  for side, response in responses.items():
+    tokens = np.concatenate([prompt, response]).astype(np.int32)
+    n = len(tokens)
+    example[f"{side}_tokens"] = _pad_to(tokens, max_len)
+    example[f"{side}_loss_mask"] = _pad_to(np.arange(n) >= len(prompt), max_len, bool)
+    example[f"{side}_segment_ids"] = _pad_to(np.ones(n, np.int32), max_len)
+    example[f"{side}_positions"] = _pad_to(np.arange(n, dtype=np.int32), max_len)
+    example[f"{side}_last_index"] = np.int32(n - 1)
+  example["valid"] = np.bool_(True)
+  return example, truncated
+
+
+def pairs_dataset(source, tokenizer, *, max_len: int, batch_size: int, seed: int = 0,
+                  shard: HostShard = HostShard(), num_epochs: int | None = None, shuffle: bool = True,
+                  length_policy: str = "truncate", stats: PipelineStats | None = None,
+                  num_threads: int = 2) -> grain.IterDataset:
+  """Preference-pair batches for the reward model and DPO (layout in the module docstring)."""
+  _check_policy(length_policy)
+  stats = stats if stats is not None else PipelineStats(f"pairs:{getattr(source, 'description', '')}")
+
+  def render(item):
+    index, record = item
+    example, outcome = render_pair(tokenizer, record, max_len=max_len, length_policy=length_policy)
+    stats.record(truncated=outcome is True, dropped=None if example is not None else outcome)
+    if example is not None:
+      example["record_index"] = np.int32(index)
+    return example
+
+  records = _indexed_records(source, seed=seed, shard=shard, shuffle=shuffle, num_epochs=num_epochs)
+  examples = _to_iter(records.map(render), num_threads)
+  return _batch(examples, batch_size, finite=num_epochs is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts.
+# ---------------------------------------------------------------------------------------------
+
+
+def prompts_dataset(source, tokenizer, *, max_prompt_len: int, batch_size: int, seed: int = 0,
+                    shard: HostShard = HostShard(), num_epochs: int | None = None, shuffle: bool = True,
+                    length_policy: str = "truncate", stats: PipelineStats | None = None,
+                    num_threads: int = 2) -> grain.IterDataset:
+  """Right-padded prompt batches for generation (layout in the module docstring).
+
+  Works on `prompt` records and on `preference` records (their prompt). Long prompts keep
+  their last tokens behind the <bos>, so the latest user turn is always there.
+  """
+  _check_policy(length_policy)
+  stats = stats if stats is not None else PipelineStats(f"prompts:{getattr(source, 'description', '')}")
+
+  def render(item):
+    index, record = item
+    ids = chat_template.render_prompt(tokenizer, record["prompt"])
+    truncated = len(ids) > max_prompt_len
+    if truncated:
+      ids = None if length_policy == "drop" else _fit_prompt(ids, max_prompt_len, tokenizer.bos_id)
+    stats.record(truncated=truncated and ids is not None, dropped="longer than max_prompt_len" if ids is None else None)
+    if ids is None:
+      return None
+    return {"prompt_tokens": _pad_to(ids, max_prompt_len), "prompt_lengths": np.int32(len(ids)),
+            "record_index": np.int32(index), "valid": np.bool_(True)}
+
+  records = _indexed_records(source, seed=seed, shard=shard, shuffle=shuffle, num_epochs=num_epochs)
+  examples = _to_iter(records.map(render), num_threads)
+  return _batch(examples, batch_size, finite=num_epochs is not None)
