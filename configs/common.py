@@ -1,0 +1,67 @@
+"""Config pieces shared by every stage: data source, world, mesh, model presets, checkpointing.
+
+Only `ml_collections` is imported here (configs must not pull in JAX); the model presets are
+plain dicts mirroring `jaxlm.model.ModelConfig`, which `jaxlm.model.ModelConfig(**config.model)`
+rebuilds. `vocab_size` in a preset is a placeholder: stage 1 sets it from the tokenizer it
+trains, later stages from their parent's tokenizer.
+"""
+
+from ml_collections import config_dict
+
+# Transformer shapes (`jaxlm.model.ModelConfig` fields). Parameter counts with tied embeddings
+# at the preset's vocabulary (`jaxlm.model.num_params`; tests/test_configs.py keeps them true):
+#   tiny        918,656 (vocab 512)       tests and smoke runs: seconds on a laptop CPU
+#   cpu       5,246,208 (vocab 2048)      the embedded world on 2 CPU cores
+#   gpt2_124m 123,587,328 (vocab 50304)   GPT-2 small's shape (SwiGLU, M = 2048 keeps 4E GELU's size)
+#   1b      1,046,824,960 (vocab 50304)   GQA, bf16 compute, remat: a GPU host or a TPU slice
+MODEL_PRESETS = {
+    "tiny": dict(vocab_size=512, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
+                 mlp_dim=384, max_len=256),
+    "cpu": dict(vocab_size=2048, embed_dim=256, num_layers=6, num_heads=8, num_kv_heads=4, head_dim=32,
+                mlp_dim=768, max_len=512),
+    "gpt2_124m": dict(vocab_size=50304, embed_dim=768, num_layers=12, num_heads=12, num_kv_heads=12,
+                      head_dim=64, mlp_dim=2048, max_len=1024, dtype="bfloat16"),
+    "1b": dict(vocab_size=50304, embed_dim=2048, num_layers=20, num_heads=16, num_kv_heads=8, head_dim=128,
+               mlp_dim=5632, max_len=2048, dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable"),
+}
+
+
+def model_config(preset: str) -> config_dict.ConfigDict:
+  """The ModelConfig fields of `preset`, with every optional field present (so overrides work)."""
+  fields = dict(tie_embeddings=True, rope_theta=10_000.0, norm_eps=1e-6, dtype="float32",
+                remat_policy="none", scan_layers=True, attention_impl="")  # "" = jax's choice.
+  fields.update(MODEL_PRESETS[preset])
+  return config_dict.ConfigDict(fields)
+
+
+def data_config(source: str = "world") -> config_dict.ConfigDict:
+  """Where a stage's records come from (README, "Sources")."""
+  return config_dict.ConfigDict(dict(
+      source=source,          # world | text:<glob> | jsonl:<glob> | tfds:<name>[/<config>][:<split>]
+      field_map="",           # tfds: sources: "record_field=feature,..." e.g. "text=text"
+      tfds_data_dir="",       # tfds: where you prepared the dataset ("" = TFDS's default)
+      cache_dir="",           # where prepared data is cached ("" = $JAXLM_DATA_DIR or ~/.cache/jaxlm/data)
+      holdout_fraction=0.1,   # local files: the last 10% of records are the validation split
+      docs_per_file=False,    # text: one document per file instead of per blank-line block
+      num_threads=2,          # grain reader threads: tokenisation overlaps the train step
+  ))
+
+
+def world_config(**overrides) -> config_dict.ConfigDict:
+  """The embedded world's size and seed (`jaxlm.data.world.WorldConfig`)."""
+  fields = dict(seed=0, text_bytes=3_000_000, num_chats=20_000, num_preferences=20_000, num_prompts=4_000,
+                eval_fraction=0.1, label_temperature=0.5)
+  fields.update(overrides)
+  return config_dict.ConfigDict(fields)
+
+
+def mesh_config() -> config_dict.ConfigDict:
+  """Device mesh: data parallel by default; set fsdp/tensor to shard parameters too."""
+  return config_dict.ConfigDict(dict(
+      data=-1,   # -1: all devices not used by the other axes
+      fsdp=1,    # parameter + optimizer sharding along `embed` (ZeRO-3 style)
+      tensor=1,  # Megatron-style sharding of heads / mlp / vocab
+      # jax.distributed.initialize(): "auto" on TPU or when launched by a cluster manager,
+      # "yes" forces it, "no" never.
+      distributed="auto",
+  ))
