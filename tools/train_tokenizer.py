@@ -43,6 +43,8 @@ def main(argv=None) -> int:
   parser.add_argument("--vocab_size", type=int, default=2048)
   parser.add_argument("--model_type", default="bpe", choices=tokenizer_lib.MODEL_TYPES)
   parser.add_argument("--seed", type=int, default=0, help="also the world's seed for --source=world")
+  parser.add_argument("--character_coverage", type=float, default=1.0,
+                      help="1.0 gives every character a piece; 0.9995 for large alphabets (CJK)")
   parser.add_argument("--field_map", default="", help="for tfds: sources, e.g. text=text")
   parser.add_argument("--cache_dir", default=None)
   args = parser.parse_args(argv)
@@ -52,7 +54,8 @@ def main(argv=None) -> int:
                                  field_map=parse_field_map(args.field_map) or None)
     start = time.perf_counter()
     tok = tokenizer_lib.train_tokenizer((source[i]["text"] for i in range(len(source))), args.out,
-                                        vocab_size=args.vocab_size, model_type=args.model_type, seed=args.seed)
+                                        vocab_size=args.vocab_size, model_type=args.model_type, seed=args.seed,
+                                        character_coverage=args.character_coverage)
   except (DataError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

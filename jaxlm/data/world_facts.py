@@ -1,8 +1,8 @@
 """The content of the synthetic world: its fact tables and every phrasing it writes.
 
-`jaxlm.data.world` holds the logic (sampling, splits, records); this module holds only data, so
-that a researcher can read (and extend) the whole universe in one place. Editing anything here
-changes generated records: bump `world.WORLD_VERSION` when you do.
+`jaxlm.data.world` holds the logic; this module holds only data, so the whole universe reads in
+one place (the narrative frames of the dialogue prose sit with their code, `world_text_dialogue`).
+Editing anything here changes generated records: bump `world.WORLD_VERSION` when you do.
 
 Templates are `str.format` strings over named slots. The slots an entity provides:
 
