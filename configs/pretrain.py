@@ -38,6 +38,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       vocab_size=2048,     # BPE pieces incl. 8 special ids and 256 byte-fallback pieces
       model_type="bpe",    # bpe | unigram | char
       max_texts=200_000,   # documents read for training (a sample of a large corpus is enough)
+      # 1.0: every character of the corpus gets a piece (the world and most English corpora have
+      # under ~100); large alphabets (CJK) want 0.9995, byte fallback spelling the rare ones.
+      character_coverage=1.0,
   ))
 
   c.model = common.model_config("cpu")

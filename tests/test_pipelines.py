@@ -200,8 +200,10 @@ def test_sft_example_without_assistant_turn_is_an_error(world_tokenizer):
 
 def test_pairs_layout(pref_source, world_tokenizer):
   tok = world_tokenizer
-  batch = next(iter(pipelines.pairs_dataset(pref_source, tok, max_len=128, batch_size=8, shuffle=False)))
-  assert batch["valid"].all()
+  stats = pipelines.PipelineStats("pairs")
+  batch = next(iter(pipelines.pairs_dataset(pref_source, tok, max_len=384, batch_size=8, shuffle=False,
+                                            stats=stats)))
+  assert batch["valid"].all() and stats.summary()["truncated"] == 0
   for row in range(8):
     record = pref_source[batch["record_index"][row]]
     prompt = chat_template.render_prompt(tok, record["prompt"])

@@ -1,0 +1,1 @@
+"""One linear, forkable trainer per stage, and the pipeline that chains them."""

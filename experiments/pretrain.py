@@ -1,0 +1,247 @@
+r"""Stage 1: generative pretraining of the decoder-only transformer.
+
+  python -m experiments.pretrain --config=configs/pretrain.py:cpu --workdir=runs/pretrain
+  python -m experiments.pretrain --config=configs/pretrain.py:tiny --workdir=/tmp/pt \
+      --config.total_steps=20 --config.data.source=text:my_corpus/*.txt
+
+Trains the tokenizer (unless `config.tokenizer.path` names one), then the model with next-token
+cross-entropy and AdamW on `config.data.source`; evaluates validation loss and perplexity, and
+on the world the fact-completion accuracy on held-out phrasings; writes the run directory
+(config.json, manifest.json, tokenizer.model, checkpoints/, metrics.jsonl, TensorBoard events,
+samples.jsonl).
+
+Resuming: rerunning the same command in the same workdir continues from its latest checkpoint,
+data position included, and ends with the same parameters as an uninterrupted run. SIGTERM or
+SIGINT saves a checkpoint and exits 0. Resume order: this run's latest checkpoint >
+`config.init_from` (continue pretraining from another run's params) > scratch.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from jaxlm import checkpoint
+from jaxlm import evaluation
+from jaxlm import losses
+from jaxlm import metrics as metrics_lib
+from jaxlm import model as model_lib
+from jaxlm import sharding
+from jaxlm import stage
+from jaxlm import tokenizer as tokenizer_lib
+from jaxlm import training
+from jaxlm.data import pipelines
+from jaxlm.data import world
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def get_tokenizer(config, run: checkpoint.RunDir, train_source) -> tokenizer_lib.Tokenizer:
+  """This run's tokenizer: the one already in the run dir (resume), a given one, or a new one."""
+  if os.path.exists(run.tokenizer_path):
+    return run.load_tokenizer()
+  if config.tokenizer.path:
+    tok = tokenizer_lib.Tokenizer.load(config.tokenizer.path)
+  else:
+    start = time.perf_counter()
+    texts = (train_source[i]["text"] for i in range(len(train_source)))
+    # Every process trains the same (deterministic) model; process 0 keeps it in the run dir.
+    tok = tokenizer_lib.train_tokenizer(
+        texts, os.path.join(run.workdir, f".tokenizer.{jax.process_index()}.model"),
+        vocab_size=config.tokenizer.vocab_size, model_type=config.tokenizer.model_type,
+        seed=config.seed, max_texts=config.tokenizer.max_texts,
+        character_coverage=config.tokenizer.character_coverage)
+    os.remove(os.path.join(run.workdir, f".tokenizer.{jax.process_index()}.model"))
+    logging.info("trained a %s tokenizer (vocab %d) in %.1fs", config.tokenizer.model_type, tok.vocab_size,
+                 time.perf_counter() - start)
+  if jax.process_index() == 0:
+    run.save_tokenizer(tok)
+  return tok
+
+
+def check_config(config) -> None:
+  """Catches settings that would silently misbehave (the step loop advances k steps per call)."""
+  k = config.steps_per_call
+  for name in ("log_every", "eval_every", "checkpoint_every", "total_steps"):
+    if config[name] % k:
+      raise ValueError(f"config.{name}={config[name]} must be a multiple of steps_per_call={k}")
+  if config.seq_len > config.model.max_len:
+    raise ValueError(f"config.seq_len={config.seq_len} exceeds config.model.max_len={config.model.max_len}")
+
+
+def main(argv) -> None:
+  del argv
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  check_config(config)
+  stage.quiet_library_logs()
+  session_start = time.perf_counter()
+
+  # ----------------------------------------------------------------------------------------------
+  # Mesh and run directory.
+  # ----------------------------------------------------------------------------------------------
+  mesh = stage.setup_mesh(config.mesh)
+  rules = sharding.DEFAULT_RULES
+  run = checkpoint.RunDir(workdir)
+  os.makedirs(run.workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    run.write_config(config)
+
+  # ----------------------------------------------------------------------------------------------
+  # Data and tokenizer.
+  # ----------------------------------------------------------------------------------------------
+  train_source = stage.open_split(config, "text", "train")
+  valid_source = stage.open_split(config, "text", "validation")
+  tok = get_tokenizer(config, run, train_source)
+  shard = pipelines.HostShard.from_jax()
+  host_batch = stage.per_host_batch_size(config.batch_size)
+  train_data = pipelines.pretraining_dataset(train_source, tok, seq_len=config.seq_len, batch_size=host_batch,
+                                             seed=config.seed, shard=shard, num_threads=config.data.num_threads)
+  valid_data = pipelines.pretraining_dataset(valid_source, tok, seq_len=config.seq_len, batch_size=host_batch,
+                                             seed=config.seed, shard=shard, num_epochs=1, shuffle=False)
+
+  # ----------------------------------------------------------------------------------------------
+  # Model, optimizer and the sharded train state.
+  # ----------------------------------------------------------------------------------------------
+  model_config = stage.model_config(config.model, vocab_size=tok.vocab_size)
+  init_fn = functools.partial(model_lib.init_params, model_config)
+  abstract_params = jax.eval_shape(lambda: sharding.unbox(init_fn(jax.random.key(0))))
+  tx, schedule = training.make_optimizer(**config.optimizer, total_steps=config.total_steps,
+                                         params=abstract_params)
+  abstract_state = training.abstract_train_state(init_fn, tx, mesh, rules)
+  state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+  logging.info("model: %s parameters, %.3g training FLOPs per token",
+               f"{model_lib.num_params(model_config):,}", model_lib.flops_per_token(model_config, config.seq_len))
+
+  # ----------------------------------------------------------------------------------------------
+  # Resume: this run's latest checkpoint > init_from > scratch.
+  # ----------------------------------------------------------------------------------------------
+  ckpt = checkpoint.Checkpointer(run.workdir, max_to_keep=config.keep_checkpoints)
+  train_iter = iter(train_data)
+  parent = None
+  if ckpt.latest_step() is not None:
+    state, data_state = ckpt.restore(abstract_state=abstract_state)
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    logging.info("resumed %s at step %d", run.workdir, int(state.step))
+  else:
+    state, _ = training.create_train_state(init_fn, tx, jax.random.key(config.seed), mesh, rules)
+    if config.init_from:
+      parent = checkpoint.load_parent(config.init_from, expect_tokenizer_hash=tok.content_hash,
+                                      expect_model_config=model_config,
+                                      abstract_params=abstract_state.params)
+      state = state.replace(params=parent.params)
+      logging.info("initialised params from %s (step %d)", parent.workdir, parent.step)
+  run.write_manifest(stage=config.stage, parent=config.init_from or None, config=config,
+                     tokenizer_hash=tok.content_hash, data_source=train_source.description,
+                     model_config=model_config)
+
+  # ----------------------------------------------------------------------------------------------
+  # The update step and the fixed validation batches.
+  # ----------------------------------------------------------------------------------------------
+  loss_fn = losses.lm_loss_fn(model_lib.Transformer(model_config))
+  k = config.steps_per_call
+  train_step = training.make_train_step(loss_fn, tx, mesh=mesh, state_shardings=state_shardings,
+                                        schedule_fn=schedule, num_microbatches=config.num_microbatches,
+                                        steps_per_call=k)
+  eval_step = training.make_eval_step(loss_fn, mesh=mesh, state_shardings=state_shardings)
+  valid_iter = iter(valid_data)
+  eval_batches = [training.shard_batch(b, mesh, rules) for b in
+                  (next(valid_iter, None) for _ in range(config.num_eval_batches)) if b is not None]
+
+  def run_eval(step: int) -> dict[str, float]:
+    result = {f"val_{name}": value for name, value in training.evaluate(eval_step, state.params, eval_batches).items()}
+    writer.write(step, result)
+    logging.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in result.items()))
+    return result
+
+  # ----------------------------------------------------------------------------------------------
+  # Train loop. Metrics reach the host only on log steps; NaN stops the run there.
+  # ----------------------------------------------------------------------------------------------
+  writer = metrics_lib.MetricWriter(run.workdir)
+  start_step = int(state.step)
+  writer.resume(start_step)  # Drops rows a killed session logged after its last checkpoint.
+  peak = metrics_lib.peak_flops_per_device()
+  progress = metrics_lib.Progress(
+      config.total_steps, tokens_per_step=config.batch_size * config.seq_len,
+      flops_per_token=model_lib.flops_per_token(model_config, config.seq_len, causal=True),
+      peak_flops=peak * jax.device_count() if peak else None, every=config.log_every,
+      keys=("loss", "accuracy"), start_step=start_step)
+  step, last_checked, last_saved = start_step, start_step, ckpt.latest_step()
+
+  def save(step: int) -> None:
+    if not checkpoint.all_finite(state.params):
+      raise FloatingPointError(f"parameters are not finite at step {step}; the last good checkpoint "
+                               f"(step {ckpt.latest_step()}) is kept")
+    ckpt.save(step, state, data_state=train_iter.get_state())
+    run.update_manifest(wall_time_s=time.perf_counter() - session_start)
+
+  with checkpoint.PreemptionGuard() as guard:
+    while step < config.total_steps:
+      host_batches = [next(train_iter) for _ in range(k)]
+      batch = training.shard_batch(host_batches[0] if k == 1 else host_batches, mesh, rules, steps_per_call=k)
+      state, step_metrics = train_step(state, batch)
+      step += k
+      synced = progress.due(step) or step % config.checkpoint_every == 0 or step >= config.total_steps
+      if synced:
+        host = {name: np.mean(value) for name, value in jax.device_get(step_metrics).items()}
+        good = ckpt.latest_step()
+        metrics_lib.check_finite(host, first_step=last_checked + 1, last_step=step,
+                                 checkpoint=None if good is None else os.path.join(ckpt.directory, str(good)))
+        last_checked = step
+        writer.write(step, host)
+        progress.update(step, host)
+      if step % config.eval_every == 0 and step < config.total_steps:
+        run_eval(step)
+      if step % config.checkpoint_every == 0 or step >= config.total_steps:
+        save(step)
+        last_saved = step
+      # With several processes, agreeing on a stop is a collective: only at host syncs.
+      if (synced or jax.process_count() == 1) and checkpoint.should_stop(guard):
+        if last_saved != step:
+          save(step)
+        ckpt.close()
+        logging.info("preempted at step %d: checkpoint saved, exiting", step)
+        writer.close()
+        sys.exit(0)
+
+  # ----------------------------------------------------------------------------------------------
+  # Final evaluation, samples, and the manifest's headline numbers.
+  # ----------------------------------------------------------------------------------------------
+  val = run_eval(step)
+  final = {"val_loss": val["val_loss"], "val_perplexity": val["val_perplexity"], "steps": step}
+  if config.data.source == "world" and config.num_probes:
+    probes = world.fact_probes("validation", stage.world_config(config))
+    # An evenly spaced subset covers every fact family (probes are grouped by family).
+    probes = [probes[i] for i in np.linspace(0, len(probes) - 1, min(config.num_probes, len(probes))).astype(int)]
+    facts, _ = evaluation.fact_completion_accuracy(state.params, model_config, tok, probes)
+    writer.write(step, facts)
+    final.update(facts)
+    logging.info("fact completion on held-out phrasings: %s", facts)
+  prefixes = ([p["prefix"] for p in world.fact_probes("validation", stage.world_config(config))[::97]]
+              if config.data.source == "world" else
+              [valid_source[i]["text"][:40] for i in range(min(len(valid_source), config.num_samples))])
+  prefixes = prefixes[: config.num_samples]
+  samples = evaluation.complete(state.params, model_config, tok, prefixes, max_new_tokens=config.sample_len,
+                                stop_ids=(tok.eos_id,))
+  writer.write_samples(step, [{"prompt": p, "completion": s} for p, s in zip(prefixes, samples)])
+  for prefix, sample in zip(prefixes, samples):
+    logging.info("sample: %r -> %r", prefix, sample)
+  ckpt.close()
+  writer.close()
+  run.update_manifest(final_metrics=final, wall_time_s=time.perf_counter() - session_start, complete=True)
+  logging.info("done: %s", final)
+
+
+if __name__ == "__main__":
+  app.run(main)
