@@ -41,19 +41,20 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       # 1.0: every character of the corpus gets a piece (the world and most English corpora have
       # under ~100); large alphabets (CJK) want 0.9995, byte fallback spelling the rare ones.
       character_coverage=1.0,
+      byte_fallback=True,  # spell characters outside the vocabulary as UTF-8 bytes (+256 pieces)
   ))
 
   c.model = common.model_config("cpu")
 
   c.seq_len = 128                 # tokens per training row (packed documents)
-  c.batch_size = 32               # global rows per optimizer step (split over hosts and devices)
+  c.batch_size = 16               # global rows per optimizer step (split over hosts and devices)
   c.num_microbatches = 1          # gradient accumulation: batch_size / num_microbatches rows at once
-  c.steps_per_call = 1            # optimizer steps per jitted call (lax.scan): fewer host round trips
-  c.total_steps = 1500
+  c.steps_per_call = 10           # optimizer steps per jitted call (lax.scan): fewer host round trips
+  c.total_steps = 320             # ~650k tokens: about 2 minutes on 2 CPU cores (tools/bench.py)
 
   c.optimizer = config_dict.ConfigDict(dict(
       learning_rate=3e-3,         # peak, after warmup
-      warmup_steps=100,
+      warmup_steps=30,
       schedule="cosine",          # cosine | linear | constant (after warmup)
       end_lr_fraction=0.1,        # final lr = 10% of peak
       b1=0.9,
@@ -65,10 +66,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   c.mesh = common.mesh_config()
 
-  c.log_every = 50                # steps between log lines / metrics rows (the only host syncs)
-  c.eval_every = 500              # steps between validation passes (and at the end)
+  c.log_every = 40                # steps between log lines / metrics rows (the only host syncs)
+  c.eval_every = 160              # steps between validation passes (and at the end)
   c.num_eval_batches = 8          # fixed validation batches: the same ones at every eval
-  c.checkpoint_every = 500        # steps between checkpoints (also on SIGTERM/SIGINT and at the end)
+  c.checkpoint_every = 160        # steps between checkpoints (also on SIGTERM/SIGINT and at the end)
   c.keep_checkpoints = 2
   c.num_samples = 4               # greedy samples printed and written at the end
   c.sample_len = 48
@@ -80,6 +81,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.model = common.model_config("tiny")
     c.seq_len = 64
     c.batch_size = 8
+    c.steps_per_call = 1
     c.total_steps = 60
     c.optimizer.warmup_steps = 10
     c.log_every = 10
@@ -90,13 +92,18 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.sample_len = 16
     c.num_probes = 20
   elif preset == "nanogpt_cpu":
+    # nanoGPT's vocabulary: the corpus's characters (65 for Tiny Shakespeare) + our 8 specials,
+    # without 256 byte-fallback pieces, so the softmax is over the same alphabet.
     c.tokenizer.model_type = "char"
     c.tokenizer.vocab_size = 400      # an upper bound for char: the corpus's characters + specials
+    c.tokenizer.byte_fallback = False
     c.model = common.model_config("cpu")
     c.model.update(dict(embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=352,
                         max_len=64))
     c.seq_len = 64
     c.batch_size = 12
+    c.steps_per_call = 10             # 10 optimizer steps per call: a 64-token step is short on CPU
+    c.data.num_threads = 1            # the pipeline needs a tenth of a core; leave the rest to XLA
     c.total_steps = 2000
     c.optimizer.update(dict(learning_rate=1e-3, warmup_steps=100, end_lr_fraction=0.1, b2=0.99))
     c.eval_every = 250
@@ -108,6 +115,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.tokenizer.vocab_size = 32_000
     c.seq_len = c.model.max_len
     c.batch_size = 64 if preset == "gpt2_124m" else 256
+    c.steps_per_call = 1              # accelerator steps are long: one step per call
     c.total_steps = 20_000
     c.optimizer.learning_rate = 6e-4 if preset == "gpt2_124m" else 3e-4
     c.optimizer.warmup_steps = 1000

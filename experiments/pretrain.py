@@ -61,7 +61,7 @@ def get_tokenizer(config, run: checkpoint.RunDir, train_source) -> tokenizer_lib
         texts, os.path.join(run.workdir, f".tokenizer.{jax.process_index()}.model"),
         vocab_size=config.tokenizer.vocab_size, model_type=config.tokenizer.model_type,
         seed=config.seed, max_texts=config.tokenizer.max_texts,
-        character_coverage=config.tokenizer.character_coverage)
+        character_coverage=config.tokenizer.character_coverage, byte_fallback=config.tokenizer.byte_fallback)
     os.remove(os.path.join(run.workdir, f".tokenizer.{jax.process_index()}.model"))
     logging.info("trained a %s tokenizer (vocab %d) in %.1fs", config.tokenizer.model_type, tok.vocab_size,
                  time.perf_counter() - start)
@@ -232,7 +232,8 @@ def main(argv) -> None:
               if config.data.source == "world" else
               [valid_source[i]["text"][:40] for i in range(min(len(valid_source), config.num_samples))])
   prefixes = prefixes[: config.num_samples]
-  samples = evaluation.complete(state.params, model_config, tok, prefixes, max_new_tokens=config.sample_len,
+  samples = evaluation.complete(state.params, model_config, tok, prefixes,
+                                max_new_tokens=min(config.sample_len, model_config.max_len // 2),
                                 stop_ids=(tok.eos_id,))
   writer.write_samples(step, [{"prompt": p, "completion": s} for p, s in zip(prefixes, samples)])
   for prefix, sample in zip(prefixes, samples):

@@ -28,7 +28,7 @@ def complete(params, config: model_lib.ModelConfig, tokenizer, prefixes: Sequenc
     params: plain model params (on device or host).
     config: the model config.
     tokenizer: a `jaxlm.tokenizer.Tokenizer`.
-    prefixes: the texts to continue.
+    prefixes: the texts to continue; one longer than the context allows keeps its last tokens.
     max_new_tokens: tokens generated per prefix.
     batch_size: prefixes per generation call; the last batch is padded to this size, so every
       call has the same shape.
@@ -37,11 +37,13 @@ def complete(params, config: model_lib.ModelConfig, tokenizer, prefixes: Sequenc
   Returns:
     The decoded continuations, in order.
   """
-  encoded = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prefixes]
-  width = _bucket(max((len(e) for e in encoded), default=1))
-  if width + max_new_tokens > config.max_len:
-    raise ValueError(f"prefixes of up to {width} tokens + {max_new_tokens} new tokens exceed "
-                     f"the model's max_len {config.max_len}")
+  # A prefix too long for the context keeps its last tokens (what the continuation follows).
+  room = config.max_len - max_new_tokens - 1
+  if room < 1:
+    raise ValueError(f"{max_new_tokens} new tokens leave no room for a prefix within the model's "
+                     f"max_len {config.max_len}")
+  encoded = [[tokenizer.bos_id] + tokenizer.encode(p)[-room:] for p in prefixes]
+  width = min(_bucket(max((len(e) for e in encoded), default=1)), config.max_len - max_new_tokens)
   outputs = []
   for start in range(0, len(encoded), batch_size):
     chunk = encoded[start:start + batch_size]
