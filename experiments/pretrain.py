@@ -35,6 +35,7 @@ from jaxlm import evaluation
 from jaxlm import losses
 from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
+from jaxlm import preemption
 from jaxlm import sharding
 from jaxlm import stage
 from jaxlm import tokenizer as tokenizer_lib
@@ -186,7 +187,7 @@ def main(argv) -> None:
     ckpt.save(step, state, data_state=train_iter.get_state())
     run.update_manifest(wall_time_s=time.perf_counter() - session_start)
 
-  with checkpoint.PreemptionGuard() as guard:
+  with preemption.PreemptionGuard() as guard:
     while step < config.total_steps:
       host_batches = [next(train_iter) for _ in range(k)]
       batch = training.shard_batch(host_batches[0] if k == 1 else host_batches, mesh, rules, steps_per_call=k)
@@ -207,7 +208,7 @@ def main(argv) -> None:
         save(step)
         last_saved = step
       # With several processes, agreeing on a stop is a collective: only at host syncs.
-      if (synced or jax.process_count() == 1) and checkpoint.should_stop(guard):
+      if (synced or jax.process_count() == 1) and preemption.should_stop(guard):
         if last_saved != step:
           save(step)
         ckpt.close()

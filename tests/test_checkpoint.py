@@ -20,6 +20,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxlm import checkpoint
+from jaxlm import preemption
 from jaxlm.model import ModelConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -148,7 +149,7 @@ RESHARD = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from jaxlm import checkpoint
+from jaxlm import checkpoint, preemption
 
 mode, workdir = sys.argv[1], sys.argv[2]
 n = len(jax.devices())
@@ -190,7 +191,7 @@ def test_save_on_8_devices_restore_on_1_and_on_4(tmp_path):
 KILLED_SAVE = """
 import os, signal, sys
 import jax, jax.numpy as jnp
-from jaxlm import checkpoint
+from jaxlm import checkpoint, preemption
 
 workdir = sys.argv[1]
 # max_to_keep=1: the only good checkpoint would be deleted if orbax cleaned up too early.
@@ -241,16 +242,16 @@ jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processe
                            process_id=process)
 import jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from jaxlm import checkpoint
+from jaxlm import checkpoint, preemption
 
 mesh = jax.make_mesh((4,), ("data",))
 full = np.arange(16.0).reshape(8, 2)
 w = jax.make_array_from_callback((8, 2), NamedSharding(mesh, P("data")), lambda i: full[i])
 state = {"params": {"w": w}, "step": jax.device_put(jnp.int32(3), NamedSharding(mesh, P()))}
-guard = checkpoint.PreemptionGuard()
+guard = preemption.PreemptionGuard()
 if process == 1:
   guard.request()  # only one process got the signal: both must stop
-assert checkpoint.should_stop(guard)
+assert preemption.should_stop(guard)
 with checkpoint.Checkpointer(workdir) as ckpt:
   ckpt.save(3, state, data_state={"next_index": 10 + process})
 abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -470,10 +471,10 @@ def test_load_parent_needs_a_params_entry(tmp_path, world_tokenizer):
 
 def test_preemption_guard_turns_signals_into_a_flag_and_restores_handlers():
   before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-  with checkpoint.PreemptionGuard() as guard:
-    assert not guard.requested and not checkpoint.should_stop(guard)
+  with preemption.PreemptionGuard() as guard:
+    assert not guard.requested and not preemption.should_stop(guard)
     os.kill(os.getpid(), signal.SIGTERM)
-    assert guard.requested and checkpoint.should_stop(guard)
+    assert guard.requested and preemption.should_stop(guard)
     os.kill(os.getpid(), signal.SIGINT)  # the first SIGINT is a request too
     with pytest.raises(KeyboardInterrupt):  # the second goes to Python's own handler
       os.kill(os.getpid(), signal.SIGINT)
@@ -481,6 +482,6 @@ def test_preemption_guard_turns_signals_into_a_flag_and_restores_handlers():
 
 
 def test_preemption_guard_can_be_requested_by_hand():
-  guard = checkpoint.PreemptionGuard()
+  guard = preemption.PreemptionGuard()
   guard.request()
-  assert checkpoint.should_stop(guard)
+  assert preemption.should_stop(guard)
