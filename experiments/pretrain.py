@@ -49,10 +49,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def get_tokenizer(config, run: checkpoint.RunDir, train_source) -> tokenizer_lib.Tokenizer:
-  """This run's tokenizer: the one already in the run dir (resume), a given one, or a new one."""
+  """This run's tokenizer: the one in the run dir (resume), the parent's, a given one, or a new one."""
   if os.path.exists(run.tokenizer_path):
     return run.load_tokenizer()
-  if config.tokenizer.path:
+  if config.init_from:  # Continued pretraining keeps the parent's vocabulary.
+    tok = checkpoint.RunDir(config.init_from).load_tokenizer()
+  elif config.tokenizer.path:
     tok = tokenizer_lib.Tokenizer.load(config.tokenizer.path)
   else:
     start = time.perf_counter()
@@ -129,7 +131,6 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(run.workdir, max_to_keep=config.keep_checkpoints)
   train_iter = iter(train_data)
-  parent = None
   if ckpt.latest_step() is not None:
     state, data_state = ckpt.restore(abstract_state=abstract_state)
     if data_state is not None:

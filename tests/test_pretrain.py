@@ -116,3 +116,21 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, data_cache):
   assert "preempted at step" in stderr
   steps = checkpoint.Checkpointer(workdir).all_steps()
   assert steps and not checkpoint.RunDir(workdir).is_complete()
+
+
+def test_init_from_continues_from_the_parents_parameters(finished_run, tmp_path, data_cache):
+  parent, _ = finished_run
+  workdir = tmp_path / "continued"
+  result = subprocess.run(command(workdir, f"--config.init_from={parent}", "--config.total_steps=10"), cwd=ROOT,
+                          env=environment(data_cache), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  manifest = json.loads((workdir / "manifest.json").read_text())
+  assert manifest["parent"] == str(parent) and manifest["complete"]
+  assert manifest["tokenizer_hash"] == json.loads((parent / "manifest.json").read_text())["tokenizer_hash"]
+
+  def loss_at_step_10(run):
+    return next(json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["step"] == 10 and "loss" in json.loads(line))
+
+  # Ten steps after the parent's 40 beat the parent's own first ten steps from scratch.
+  assert loss_at_step_10(workdir) < loss_at_step_10(parent) - 0.3
