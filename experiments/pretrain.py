@@ -223,13 +223,18 @@ def main(argv) -> None:
   val = run_eval(step)
   final = {"val_loss": val["val_loss"], "val_perplexity": val["val_perplexity"], "steps": step}
   if config.data.source == "world" and config.num_probes:
-    probes = world.fact_probes("validation", stage.world_config(config))
+    all_probes = world.fact_probes("validation", stage.world_config(config))
     # An evenly spaced subset covers every fact family (probes are grouped by family).
-    probes = [probes[i] for i in np.linspace(0, len(probes) - 1, min(config.num_probes, len(probes))).astype(int)]
+    picks = np.linspace(0, len(all_probes) - 1, min(config.num_probes, len(all_probes))).astype(int)
+    probes = [all_probes[i] for i in picks]
     facts, _ = evaluation.fact_completion_accuracy(state.params, model_config, tok, probes)
+    choices, _ = evaluation.fact_choice_accuracy(state.params, model_config, tok, probes,
+                                                 candidate_pool=all_probes)
+    facts.update(choices)
     writer.write(step, facts)
     final.update(facts)
-    logging.info("fact completion on held-out phrasings: %s", facts)
+    logging.info("facts on held-out phrasings: completion %.1f%%, multiple choice %.1f%% (chance %.1f%%)",
+                 100 * facts["fact_accuracy"], 100 * facts["fact_choice_accuracy"], 100 * facts["fact_choice_chance"])
   prefixes = ([p["prefix"] for p in world.fact_probes("validation", stage.world_config(config))[::97]]
               if config.data.source == "world" else
               [valid_source[i]["text"][:40] for i in range(min(len(valid_source), config.num_samples))])

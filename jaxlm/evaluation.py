@@ -6,10 +6,14 @@ measures what a model *says*, using the KV-cache sampler.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import losses
 from jaxlm import model as model_lib
 from jaxlm import sampling
 from jaxlm.data import world_reward
@@ -89,4 +93,69 @@ def fact_completion_accuracy(params, config: model_lib.ModelConfig, tokenizer,
     chosen = [r["correct"] for r in rows if select(r)]
     if chosen:
       metrics[key] = float(np.mean(chosen))
+  return metrics, rows
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _sequence_log_probs(params, tokens: jax.Array, mask: jax.Array, *, config: model_lib.ModelConfig):
+  """Per-row mean log p(tokens[t] | tokens[:t]) over the positions where mask[t] is True."""
+  logits = model_lib.Transformer(config).apply({"params": params}, tokens[:, :-1]).logits
+  log_probs = losses.token_log_probs(logits=logits, targets=tokens[:, 1:])
+  weights = mask[:, 1:].astype(jnp.float32)
+  return jnp.sum(log_probs * weights, axis=-1) / jnp.maximum(jnp.sum(weights, axis=-1), 1.0)
+
+
+def fact_choice_accuracy(params, config: model_lib.ModelConfig, tokenizer,
+                         probes: Sequence[Mapping[str, Any]], *,
+                         candidate_pool: Sequence[Mapping[str, Any]] | None = None,
+                         batch_size: int = 256) -> tuple[dict[str, float], list[dict]]:
+  """Multiple choice by likelihood: is the right answer the model's most likely continuation?
+
+  For each probe, every distinct answer of its family among `candidate_pool` (default:
+  `probes`; pass all of a split's probes when scoring a subset, so the choices are all
+  capitals, all continents, ...) is scored by its mean per-token log-probability after the prefix,
+  log p(answer | <bos> prefix), and the probe is correct when its own answer scores highest.
+  This measures what the model *knows* independently of whether greedy decoding would phrase
+  it that way, so it moves long before exact completion does (lm-eval-harness's normalised
+  multiple-choice accuracy, with tokens as the unit).
+
+  Returns:
+    (metrics, rows): `fact_choice_accuracy`, per family `fact_choice_accuracy/<family>`, and
+    `fact_choice_chance` (the mean of 1 / number of choices: what guessing scores); rows are
+    the probes with the `choice` the model ranked first.
+  """
+  families: dict[str, list[str]] = {}
+  for p in candidate_pool or probes:
+    families.setdefault(p["family"], [])
+    if p["answer"] not in families[p["family"]]:
+      families[p["family"]].append(p["answer"])
+  sequences, owners = [], []
+  for i, probe in enumerate(probes):
+    prefix = [tokenizer.bos_id] + tokenizer.encode(probe["prefix"])
+    for candidate in families[probe["family"]]:
+      # Each content is encoded on its own (like the chat template), so a candidate's tokens
+      # are the same whatever prefix precedes it.
+      answer = tokenizer.encode(candidate)
+      sequences.append((prefix + answer, len(prefix)))
+      owners.append((i, candidate))
+  width = min(_bucket(max(len(s) for s, _ in sequences)), config.max_len)
+  scores = []
+  for start in range(0, len(sequences), batch_size):
+    chunk = sequences[start:start + batch_size]
+    tokens = np.zeros((batch_size, width), np.int32)
+    mask = np.zeros((batch_size, width), bool)
+    for row, (ids, answer_start) in enumerate(chunk):
+      ids = ids[:width]
+      tokens[row, : len(ids)] = ids
+      mask[row, answer_start: len(ids)] = True
+    scores += np.asarray(_sequence_log_probs(params, tokens, mask, config=config))[: len(chunk)].tolist()
+  best: dict[int, tuple[float, str]] = {}
+  for (i, candidate), score in zip(owners, scores):
+    if i not in best or score > best[i][0]:
+      best[i] = (score, candidate)
+  rows = [{**p, "choice": best[i][1], "correct": best[i][1] == p["answer"]} for i, p in enumerate(probes)]
+  metrics = {"fact_choice_accuracy": float(np.mean([r["correct"] for r in rows])) if rows else float("nan"),
+             "fact_choice_chance": float(np.mean([1 / len(families[p["family"]]) for p in probes]))}
+  for family in sorted({p["family"] for p in probes}):
+    metrics[f"fact_choice_accuracy/{family}"] = float(np.mean([r["correct"] for r in rows if r["family"] == family]))
   return metrics, rows
