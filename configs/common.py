@@ -11,14 +11,14 @@ from ml_collections import config_dict
 # Transformer shapes (`jaxlm.model.ModelConfig` fields). Parameter counts with tied embeddings
 # at the preset's vocabulary (`jaxlm.model.num_params`; tests/test_configs.py keeps them true):
 #   tiny        918,656 (vocab 512)       tests and smoke runs: seconds on a laptop CPU
-#   cpu       2,016,960 (vocab 2048)      the embedded world on 2 CPU cores in ~2 minutes
+#   cpu       1,115,264 (vocab 2048)      the embedded world on 2 CPU cores in ~2.5 minutes
 #   gpt2_124m 123,587,328 (vocab 50304)   GPT-2 small's shape (SwiGLU, M = 2048 keeps 4E GELU's size)
 #   1b      1,046,824,960 (vocab 50304)   GQA, bf16 compute, remat: a GPU host or a TPU slice
 MODEL_PRESETS = {
     "tiny": dict(vocab_size=512, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
                  mlp_dim=384, max_len=256),
-    "cpu": dict(vocab_size=2048, embed_dim=192, num_layers=4, num_heads=6, num_kv_heads=3, head_dim=32,
-                mlp_dim=512, max_len=512),
+    "cpu": dict(vocab_size=2048, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
+                mlp_dim=384, max_len=512),
     "gpt2_124m": dict(vocab_size=50304, embed_dim=768, num_layers=12, num_heads=12, num_kv_heads=12,
                       head_dim=64, mlp_dim=2048, max_len=1024, dtype="bfloat16"),
     "1b": dict(vocab_size=50304, embed_dim=2048, num_layers=20, num_heads=16, num_kv_heads=8, head_dim=128,
