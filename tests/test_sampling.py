@@ -1,20 +1,24 @@
-"""Greedy generation with the KV cache equals greedy decoding by full forward passes."""
+"""The KV-cache sampler: greedy equals full-forward decoding, sampled log-probs equal
+teacher-forced log-probs, truncation keeps exactly the right tokens, rows stop on their
+own."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import losses
 from jaxlm import model as model_lib
 from jaxlm import sampling
 from jaxlm import sharding
 
-CONFIG = model_lib.ModelConfig(vocab_size=61, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                               head_dim=8, mlp_dim=64, max_len=64)
+CONFIG = model_lib.ModelConfig(vocab_size=61, embed_dim=32, num_layers=2, num_heads=4,
+                               num_kv_heads=2, head_dim=8, mlp_dim=64, max_len=64)
 
 
 @jax.jit
-def _full_forward_logits(params, tokens):
-  return model_lib.Transformer(CONFIG).apply({"params": params}, tokens).logits
+def _full_forward_logits(params, tokens, segment_ids=None):
+  return model_lib.Transformer(CONFIG).apply({"params": params}, tokens,
+                                             segment_ids=segment_ids).logits
 
 
 def _reference_greedy(params, prompt, n):
@@ -59,3 +63,192 @@ def test_rows_stop_at_their_stop_token():
   assert int(n[0]) == first + 1
   np.testing.assert_array_equal(stopped[0, : first + 1], free[0, : first + 1])
   assert not np.asarray(stopped[0, first + 1:]).any()
+
+
+# --- The sampler core: truncation, exactness of log-probs, stopping, seeding, compilation. ---
+
+RAGGED_PROMPTS = [[1, 5, 9, 13, 2, 7], [1, 4], [1, 8, 8, 3]]
+
+
+def _pad(prompts, width=None):
+  """Right-pads token lists into int32 [B, width] and their lengths [B]."""
+  width = width or max(map(len, prompts))
+  tokens = np.zeros((len(prompts), width), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, : len(p)] = p
+  return tokens, np.asarray([len(p) for p in prompts], np.int32)
+
+
+def _params(seed, scale):
+  """A tiny random model; `scale` > 1 sharpens its next-token distributions."""
+  params = sharding.unbox(model_lib.init_params(CONFIG, jax.random.key(seed)))
+  return jax.tree.map(lambda p: p * scale, params)
+
+
+def _teacher_forced_logits(params, prompts, generation):
+  """Training forward pass over prompt + emitted tokens: logits [B, N, V] predicting each
+  generated token (row b's token j sits at index len_b + j, predicted at len_b + j - 1)."""
+  tokens, mask = np.asarray(generation.tokens), np.asarray(generation.mask)
+  sequences = [list(p) + tokens[b, mask[b]].tolist() for b, p in enumerate(prompts)]
+  full, full_lengths = _pad(sequences)
+  segment_ids = (np.arange(full.shape[1])[None, :] < full_lengths[:, None]).astype(np.int32)
+  logits = _full_forward_logits(params, full, segment_ids)
+  n = tokens.shape[1]
+  index = np.stack([len(p) - 1 + np.arange(n) for p in prompts])
+  index = np.minimum(index, full.shape[1] - 1)  # Positions past a row's end are masked anyway.
+  return jnp.take_along_axis(logits, jnp.asarray(index)[:, :, None], axis=1)
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+  out = np.asarray(sampling.truncate_logits(jnp.asarray([3.0, 2.0, 1.0, 0.0]), top_k=2))
+  np.testing.assert_array_equal(np.isfinite(out), [True, True, False, False])
+  np.testing.assert_array_equal(out[:2], [3.0, 2.0])  # Kept logits are untouched.
+  # Ties at the k-th value: exactly k survive, the lower ids first.
+  out = np.asarray(sampling.truncate_logits(jnp.asarray([[0.0, 1.0, 1.0, 1.0]]), top_k=2))
+  np.testing.assert_array_equal(np.isfinite(out), [[False, True, True, False]])
+  # k >= V is off.
+  assert np.isfinite(np.asarray(sampling.truncate_logits(jnp.zeros((4,)), top_k=9))).all()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+  logits = jnp.log(jnp.asarray([0.5, 0.3, 0.15, 0.05]))
+  kept = lambda **kw: np.isfinite(np.asarray(sampling.truncate_logits(logits, **kw))).tolist()
+  assert kept(top_p=0.8) == [True, True, False, False]
+  assert kept(top_p=0.81) == [True, True, True, False]
+  assert kept(top_p=0.3) == [True, False, False, False]  # Always at least the top token.
+  assert kept(top_p=1.0) == [True] * 4
+  # Unsorted input: the set is by probability, not by id.
+  perm = jnp.asarray([2, 0, 3, 1])
+  out = np.isfinite(np.asarray(sampling.truncate_logits(logits[perm], top_p=0.8)))
+  np.testing.assert_array_equal(out, [False, True, False, True])
+  # top-p after top-k renormalises over the k survivors: 0.5 / 0.8 = 0.625 >= 0.6.
+  assert kept(top_k=2, top_p=0.6) == [True, False, False, False]
+
+
+def test_sampled_tokens_lie_in_the_kept_set():
+  logits = jax.random.normal(jax.random.key(3), (CONFIG.vocab_size,)) * 2.0
+  draws = 4096
+  keys = jax.random.split(jax.random.key(4), draws)
+  batch = jnp.broadcast_to(logits, (draws, CONFIG.vocab_size))
+  for cfg in (sampling.SamplingConfig(top_k=5), sampling.SamplingConfig(top_p=0.7),
+              sampling.SamplingConfig(temperature=0.5, top_k=8, top_p=0.9)):
+    truncated = sampling.truncate_logits(logits / cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    allowed = set(np.flatnonzero(np.isfinite(np.asarray(truncated))).tolist())
+    tokens, log_probs = jax.jit(sampling.sample_logits, static_argnums=2)(batch, keys, cfg)
+    tokens = np.asarray(tokens)
+    assert set(tokens.tolist()) <= allowed, cfg
+    # ... and not a trivial subset: every kept token of probability >= 1% shows up in 4096 draws.
+    probs = np.asarray(jax.nn.softmax(truncated))
+    assert set(np.flatnonzero(probs >= 0.01).tolist()) <= set(tokens.tolist()), cfg
+    expected = np.asarray(jax.nn.log_softmax(truncated))[tokens]
+    np.testing.assert_allclose(np.asarray(log_probs), expected, rtol=0, atol=1e-6)
+
+
+def test_sampling_config_validates():
+  for bad in (dict(temperature=0.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
+    try:
+      sampling.SamplingConfig(**bad)
+    except ValueError:
+      continue
+    raise AssertionError(f"accepted {bad}")
+  sampling.SamplingConfig(temperature=0.0, greedy=True)  # Temperature is unused when greedy.
+
+
+def test_sampled_log_probs_equal_teacher_forced_log_probs():
+  """At temperature 1 without truncation the sampler is the training model: on-policy RL."""
+  params = _params(0, 2.0)
+  tokens, lengths = _pad(RAGGED_PROMPTS)
+  gen = sampling.generate(params, tokens, lengths, jax.random.key(7), config=CONFIG,
+                          sampling=sampling.SamplingConfig(), max_new_tokens=8)
+  assert gen.tokens.dtype == jnp.int32 and gen.log_probs.dtype == jnp.float32
+  assert np.asarray(gen.mask).all() and (np.asarray(gen.lengths) == 8).all()
+  logits = _teacher_forced_logits(params, RAGGED_PROMPTS, gen)
+  expected = losses.token_log_probs(logits=logits, targets=gen.tokens)
+  np.testing.assert_allclose(np.asarray(gen.log_probs), np.asarray(expected), rtol=0, atol=1e-5)
+  # Not a degenerate check: the samples are not just the argmax.
+  assert (np.asarray(gen.tokens) != np.asarray(jnp.argmax(logits, -1))).any()
+
+
+def test_truncated_sampling_matches_truncated_teacher_forced_distribution():
+  params = _params(0, 4.0)
+  tokens, lengths = _pad(RAGGED_PROMPTS)
+  cfg = sampling.SamplingConfig(temperature=0.7, top_k=6, top_p=0.9)
+  gen = sampling.generate(params, tokens, lengths, jax.random.key(8), config=CONFIG, sampling=cfg,
+                          max_new_tokens=8)
+  logits = _teacher_forced_logits(params, RAGGED_PROMPTS, gen)
+  truncated = sampling.truncate_logits(logits / cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+  picked = np.asarray(jnp.take_along_axis(truncated, gen.tokens[..., None], -1)[..., 0])
+  assert np.isfinite(picked).all()  # Every token came from the kept set.
+  # (Not `losses.token_log_probs`: its one-hot contraction turns -inf * 0 into NaN.)
+  expected = jnp.take_along_axis(jax.nn.log_softmax(truncated), gen.tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(gen.log_probs), np.asarray(expected), rtol=0, atol=1e-5)
+
+
+def test_greedy_generate_is_generate_with_greedy():
+  params = _params(0, 8.0)
+  tokens, lengths = _pad(RAGGED_PROMPTS)
+  gen = sampling.generate(params, tokens, lengths, jax.random.key(0), config=CONFIG,
+                          sampling=sampling.SamplingConfig(greedy=True), max_new_tokens=7)
+  for i, p in enumerate(RAGGED_PROMPTS):
+    assert np.asarray(gen.tokens[i]).tolist() == _reference_greedy(params, p, 7)
+  # Greedy reports the plain model log-prob of its (argmax) token.
+  logits = _teacher_forced_logits(params, RAGGED_PROMPTS, gen)
+  expected = losses.token_log_probs(logits=logits, targets=gen.tokens)
+  np.testing.assert_allclose(np.asarray(gen.log_probs), np.asarray(expected), rtol=0, atol=1e-5)
+  # The rng does not matter to greedy decoding.
+  other = sampling.generate(params, tokens, lengths, jax.random.key(1), config=CONFIG,
+                            sampling=sampling.SamplingConfig(greedy=True), max_new_tokens=7)
+  np.testing.assert_array_equal(other.tokens, gen.tokens)
+
+
+def test_rows_of_a_sampled_mixed_batch_stop_independently():
+  params = _params(1, 2.0)
+  tokens, lengths = _pad(RAGGED_PROMPTS)
+  n, rng, cfg = 10, jax.random.key(11), sampling.SamplingConfig(temperature=1.5)
+  free = np.asarray(sampling.generate(params, tokens, lengths, rng, config=CONFIG, sampling=cfg,
+                                      max_new_tokens=n).tokens)
+  # A stop token that row 0 emits and row 1 never does: one row stops, another runs to the end.
+  stop = next(int(t) for t in free[0, :-1] if t not in free[1])
+  gen = sampling.generate(params, tokens, lengths, rng, config=CONFIG, sampling=cfg,
+                          max_new_tokens=n, stop_ids=(stop,))
+  out, mask = np.asarray(gen.tokens), np.asarray(gen.mask)
+  log_probs, got_lengths = np.asarray(gen.log_probs), np.asarray(gen.lengths)
+  for b in range(len(RAGGED_PROMPTS)):
+    hits = np.flatnonzero(free[b] == stop)
+    length = hits[0] + 1 if len(hits) else n
+    assert got_lengths[b] == length, b
+    # Same rng: identical draws up to and including the stop token, then nothing.
+    np.testing.assert_array_equal(out[b, :length], free[b, :length])
+    np.testing.assert_array_equal(mask[b], np.arange(n) < length)
+    assert not out[b, length:].any() and not log_probs[b, length:].any()
+    assert (log_probs[b, :length] < 0).all()
+  assert got_lengths[0] < n and got_lengths[1] == n
+
+
+def test_sampling_is_seeded_and_rows_do_not_depend_on_the_batch():
+  params = _params(0, 2.0)
+  tokens, lengths = _pad(RAGGED_PROMPTS)
+  run = lambda t, l, key: sampling.generate(params, t, l, key, config=CONFIG,
+                                            sampling=sampling.SamplingConfig(), max_new_tokens=8)
+  a, b = run(tokens, lengths, jax.random.key(7)), run(tokens, lengths, jax.random.key(7))
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.log_probs, b.log_probs)
+  c = run(tokens, lengths, jax.random.key(8))
+  assert (np.asarray(a.tokens) != np.asarray(c.tokens)).any()
+  # Row 0 alone (same prompt width) draws what it drew as row 0 of the batch of three.
+  alone = run(tokens[:1], lengths[:1], jax.random.key(7))
+  np.testing.assert_array_equal(alone.tokens[0], a.tokens[0])
+
+
+def test_new_prompts_of_the_same_shape_do_not_recompile():
+  params = _params(2, 1.0)
+  cfg = sampling.SamplingConfig(temperature=0.9, top_k=10)
+  call = lambda t, l, key: sampling.generate(params, t, l, key, config=CONFIG, sampling=cfg,
+                                             max_new_tokens=5, stop_ids=(3, 4))
+  call(*_pad([[1, 2, 3], [1, 2]], width=4), jax.random.key(0))
+  compiled = sampling.generate._cache_size()
+  call(*_pad([[1, 9], [1, 7, 7, 7]], width=4), jax.random.key(1))
+  call(*_pad([[5], [6, 6, 6]], width=4), jax.random.key(2))
+  assert sampling.generate._cache_size() == compiled
+  call(*_pad([[5], [6, 6, 6]], width=6), jax.random.key(2))  # A new shape bucket compiles once.
+  assert sampling.generate._cache_size() == compiled + 1
