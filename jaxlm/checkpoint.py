@@ -55,7 +55,6 @@ import json
 import logging
 import os
 import subprocess
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,6 +65,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 import jaxlm
+from jaxlm import files
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.model import ModelConfig
 
@@ -97,24 +97,6 @@ def config_hash(config: Any) -> str:
   """sha256 of the canonical JSON of `config` (sorted keys, compact separators)."""
   text = json.dumps(_plain(config), sort_keys=True, separators=(",", ":"))
   return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-  """Readers see the old file or the whole new one, never half a file."""
-  directory, name = os.path.split(path)
-  os.makedirs(directory, exist_ok=True)
-  # Not tempfile.mkstemp: its files are private (0600), and run directories are shared.
-  tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
-  try:
-    with open(tmp, "x") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)  # same directory, so a rename on one filesystem: atomic
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _read_json(path: str, what: str) -> Any:
@@ -180,7 +162,7 @@ class RunDir:
   def write_config(self, config: Any) -> None:
     """Writes config.json (a ConfigDict or mapping) atomically, keys in the config's order."""
     if jax.process_index() == 0:
-      _atomic_write_text(self.config_path, json.dumps(_plain(config), indent=2) + "\n")
+      files.atomic_write(self.config_path, json.dumps(_plain(config), indent=2) + "\n")
 
   def read_config(self) -> dict:
     return _read_json(self.config_path, "config.json")
@@ -277,7 +259,7 @@ class RunDir:
 
   def _write_manifest(self, manifest: dict) -> None:
     if jax.process_index() == 0:
-      _atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2) + "\n")
+      files.atomic_write(self.manifest_path, json.dumps(manifest, indent=2) + "\n")
 
   def read_manifest(self) -> dict:
     return _read_json(self.manifest_path, "manifest.json")

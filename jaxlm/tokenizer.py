@@ -57,6 +57,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from jaxlm import files
+
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END_OF_TURN = "<|end|>"
@@ -76,24 +78,6 @@ DEFAULT_TRAIN_THREADS = 4
 # SentencePiece silently skips training sentences longer than this many bytes, so longer texts
 # are cut into chunks at line boundaries before they reach the trainer.
 _MAX_SENTENCE_BYTES = 8192
-
-
-def _atomic_write(path: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to `path` so that readers see either the old file or the whole new one."""
-  path = os.fspath(path)
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  # Same directory as the target, so os.replace is a rename within one filesystem.
-  tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _chunks(text: str, max_bytes: int) -> Iterator[str]:
@@ -224,7 +208,7 @@ def train_tokenizer(
         f"byte_fallback={byte_fallback}) failed: {e}") from None
   data = model.getvalue()
   tokenizer = Tokenizer.from_bytes(data)
-  _atomic_write(model_path, data)
+  files.atomic_write(model_path, data)
   return tokenizer
 
 
@@ -276,7 +260,7 @@ class Tokenizer:
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the model file to `path` atomically (temporary file, then rename)."""
-    _atomic_write(path, self.model_bytes)
+    files.atomic_write(path, self.model_bytes)
 
   def role_id(self, role: str) -> int:
     """The id of the marker that opens a `role` turn ("system", "user" or "assistant")."""
