@@ -222,8 +222,9 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   val = run_eval(step)
   final = {"val_loss": val["val_loss"], "val_perplexity": val["val_perplexity"], "steps": step}
-  if config.data.source == "world" and config.num_probes:
-    all_probes = world.fact_probes("validation", stage.world_config(config))
+  on_world = config.data.source == "world"
+  all_probes = world.fact_probes("validation", stage.world_config(config)) if on_world else []
+  if all_probes and config.num_probes:
     # An evenly spaced subset covers every fact family (probes are grouped by family).
     picks = np.linspace(0, len(all_probes) - 1, min(config.num_probes, len(all_probes))).astype(int)
     probes = [all_probes[i] for i in picks]
@@ -235,8 +236,7 @@ def main(argv) -> None:
     final.update(facts)
     logging.info("facts on held-out phrasings: completion %.1f%%, multiple choice %.1f%% (chance %.1f%%)",
                  100 * facts["fact_accuracy"], 100 * facts["fact_choice_accuracy"], 100 * facts["fact_choice_chance"])
-  prefixes = ([p["prefix"] for p in world.fact_probes("validation", stage.world_config(config))[::97]]
-              if config.data.source == "world" else
+  prefixes = ([p["prefix"] for p in all_probes[::97]] if on_world else
               [valid_source[i]["text"][:40] for i in range(min(len(valid_source), config.num_samples))])
   prefixes = prefixes[: config.num_samples]
   samples = evaluation.complete(state.params, model_config, tok, prefixes,
