@@ -41,21 +41,12 @@ def world_config(config) -> world.WorldConfig:
   return world.WorldConfig(**dict(config.world))
 
 
-def parse_field_map(text: str) -> dict[str, str] | None:
-  """"record_field=feature,..." -> dict (None when empty)."""
-  pairs = [p.strip() for p in text.split(",") if p.strip()]
-  bad = [p for p in pairs if p.count("=") != 1]
-  if bad:
-    raise ValueError(f"config.data.field_map: expected field=feature pairs, got {bad}")
-  return dict(p.split("=") for p in pairs) or None
-
-
 def open_split(config, kind: str, split: str, source: str | None = None) -> sources.RecordSource:
   """Opens `split` of the stage's data source (or of `source`) as records of `kind`."""
   data = config.data
   return sources.open_source(
       source or data.source, kind, split, cache_dir=data.cache_dir or None, world=world_config(config),
-      field_map=parse_field_map(data.field_map), tfds_data_dir=data.tfds_data_dir or None,
+      field_map=sources.parse_key_values(data.field_map, "config.data.field_map") or None, tfds_data_dir=data.tfds_data_dir or None,
       holdout_fraction=data.holdout_fraction, docs_per_file=data.docs_per_file)
 
 

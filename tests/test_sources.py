@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -441,3 +442,11 @@ def test_world_empty_splits_are_a_clear_error(world_lib, tmp_path):
     sources.open_source("world", "chat", "test", cache_dir=str(tmp_path), world=config)
   with pytest.raises(DataError, match=r"world\[text/train\]"):
     sources.open_source("world", "text", "train", cache_dir=str(tmp_path), world=config)
+
+
+def test_parse_key_values_accepts_pairs_and_names_bad_items():
+  assert sources.parse_key_values("text=text, prompt = question,,") == {"text": "text", "prompt": "question"}
+  assert sources.parse_key_values("") == {}
+  for bad in ("text", "a=b=c", "=feature", "field="):
+    with pytest.raises(ValueError, match=r"config.data.field_map: .*" + re.escape(repr(bad.strip()))):
+      sources.parse_key_values(bad, "config.data.field_map")

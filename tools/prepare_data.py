@@ -29,17 +29,6 @@ from jaxlm.data import schemas, sources
 from jaxlm.data.errors import DataError
 
 
-def parse_pairs(text: str, flag: str) -> dict[str, str]:
-  """'a=b,c=d' -> {'a': 'b', 'c': 'd'}."""
-  pairs = {}
-  for item in filter(None, (part.strip() for part in text.split(","))):
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-      raise SystemExit(f"--{flag}: expected key=value[,key=value...], got {item!r}")
-    pairs[key.strip()] = value.strip()
-  return pairs
-
-
 def world_config(overrides: dict[str, str]):
   from jaxlm.data import world
 
@@ -75,11 +64,15 @@ def main(argv=None) -> int:
   kinds = schemas.KINDS if args.kind == "all" else tuple(k.strip() for k in args.kind.split(","))
   for kind in kinds:
     schemas.check_kind(kind)
-  options = dict(cache_dir=args.cache_dir, field_map=parse_pairs(args.field_map, "field_map") or None,
-                 tfds_data_dir=args.tfds_data_dir, holdout_fraction=args.holdout_fraction,
-                 docs_per_file=args.docs_per_file)
+  try:
+    field_map = sources.parse_key_values(args.field_map, "--field_map") or None
+    world_overrides = sources.parse_key_values(args.world, "--world")
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
+  options = dict(cache_dir=args.cache_dir, field_map=field_map, tfds_data_dir=args.tfds_data_dir,
+                 holdout_fraction=args.holdout_fraction, docs_per_file=args.docs_per_file)
   if args.source.strip() == "world":
-    options["world"] = world_config(parse_pairs(args.world, "world"))
+    options["world"] = world_config(world_overrides)
   splits = [s.strip() for s in args.splits.split(",") if s.strip()]
   if args.source.startswith("tfds:") and ":" in args.source[len("tfds:"):]:
     splits = splits[:1]  # The source names its split; the stage's split is not used.

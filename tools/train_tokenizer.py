@@ -27,15 +27,6 @@ from jaxlm.data import sources, world
 from jaxlm.data.errors import DataError
 
 
-def parse_field_map(text: str) -> dict[str, str]:
-  """'a=b,c=d' -> {'a': 'b', 'c': 'd'}."""
-  pairs = [p for p in text.split(",") if p]
-  bad = [p for p in pairs if p.count("=") != 1]
-  if bad:
-    raise ValueError(f"--field_map: expected field=feature pairs separated by commas, got {bad}")
-  return dict(p.split("=") for p in pairs)
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--source", default="world", help="a text source string (default: world)")
@@ -51,7 +42,7 @@ def main(argv=None) -> int:
   try:
     source = sources.open_source(args.source, "text", "train", cache_dir=args.cache_dir,
                                  world=world.WorldConfig(seed=args.seed),
-                                 field_map=parse_field_map(args.field_map) or None)
+                                 field_map=sources.parse_key_values(args.field_map, "--field_map") or None)
     start = time.perf_counter()
     tok = tokenizer_lib.train_tokenizer((source[i]["text"] for i in range(len(source))), args.out,
                                         vocab_size=args.vocab_size, model_type=args.model_type, seed=args.seed,

@@ -64,6 +64,23 @@ SPLITS = ("train", "validation", "test")
 PREFIXES = ("world", "text:", "jsonl:", "tfds:")
 
 
+def parse_key_values(text: str, what: str = "field_map") -> dict[str, str]:
+  """'a=b,c=d' -> {'a': 'b', 'c': 'd'}: how a `field_map` (or any such option) is written on a
+  command line or in a config string. Blank items are skipped; each other item must be exactly
+  one non-empty key, one '=', and a non-empty value.
+
+  Raises:
+    ValueError: naming `what` and the malformed item.
+  """
+  pairs = {}
+  for item in filter(None, (part.strip() for part in text.split(","))):
+    key, _, value = (part.strip() for part in item.partition("="))
+    if item.count("=") != 1 or not key or not value:
+      raise ValueError(f"{what}: expected key=value pairs separated by commas, got {item!r}")
+    pairs[key] = value
+  return pairs
+
+
 # ---------------------------------------------------------------------------------------------
 # The record source.
 # ---------------------------------------------------------------------------------------------
