@@ -65,3 +65,55 @@ def mesh_config() -> config_dict.ConfigDict:
       # "yes" forces it, "no" never.
       distributed="auto",
   ))
+
+
+def optimizer_config(**overrides) -> config_dict.ConfigDict:
+  """AdamW with warmup then decay (`jaxlm.training.make_optimizer`); stages override a few keys."""
+  fields = dict(
+      learning_rate=1e-3,         # peak, after warmup
+      warmup_steps=20,
+      schedule="cosine",          # cosine | linear | constant (after warmup)
+      end_lr_fraction=0.1,        # final lr = 10% of peak
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.0,           # decoupled (AdamW); never on norm scales
+      grad_clip_norm=1.0,         # global-norm clipping
+  )
+  fields.update(overrides)
+  return config_dict.ConfigDict(fields)
+
+
+def tiny_world() -> config_dict.ConfigDict:
+  """The `:tiny` presets' world: small enough to prepare in seconds."""
+  return world_config(text_bytes=200_000, num_chats=400, num_preferences=400, num_prompts=200)
+
+
+def use_tiny_schedule(c: config_dict.ConfigDict) -> None:
+  """The `:tiny` preset of a stage after pretraining: the tiny model, 20 steps, evals at 10 and 20."""
+  c.world = tiny_world()
+  c.model = model_config("tiny")
+  c.batch_size = 8
+  c.steps_per_call = 1
+  c.total_steps = 20
+  c.optimizer.warmup_steps = 5
+  c.log_every = 5
+  c.eval_every = 10
+  c.num_eval_batches = 2
+  c.checkpoint_every = 10
+
+
+def use_accelerator_schedule(c: config_dict.ConfigDict, preset: str, *, learning_rate: float) -> None:
+  """The `:gpt2_124m` / `:1b` preset of a stage after pretraining (shapes equal stage 1's)."""
+  c.model = model_config(preset)
+  c.seq_len = 1024
+  c.batch_size = 64
+  c.steps_per_call = 1              # accelerator steps are long: one step per call
+  c.total_steps = 2000
+  c.optimizer.learning_rate = learning_rate
+  c.optimizer.warmup_steps = 100
+  c.log_every = 50
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  if preset == "1b":
+    c.mesh.update(dict(data=1, fsdp=-1))

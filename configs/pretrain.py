@@ -55,17 +55,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # 1.1M x 560-600 steps about 43% (README, "Performance").
   c.total_steps = 560
 
-  c.optimizer = config_dict.ConfigDict(dict(
-      learning_rate=3e-3,         # peak, after warmup
-      warmup_steps=30,
-      schedule="cosine",          # cosine | linear | constant (after warmup)
-      end_lr_fraction=0.1,        # final lr = 10% of peak
-      b1=0.9,
-      b2=0.95,
-      eps=1e-8,
-      weight_decay=0.1,           # decoupled (AdamW); never on norm scales
-      grad_clip_norm=1.0,         # global-norm clipping
-  ))
+  c.optimizer = common.optimizer_config(learning_rate=3e-3, warmup_steps=30, weight_decay=0.1)
 
   c.mesh = common.mesh_config()
 
@@ -79,7 +69,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.num_probes = 200              # world fact-completion probes (held-out phrasings) scored at the end
 
   if preset == "tiny":
-    c.world = common.world_config(text_bytes=200_000, num_chats=400, num_preferences=400, num_prompts=200)
+    c.world = common.tiny_world()
     c.tokenizer.vocab_size = 512
     c.model = common.model_config("tiny")
     c.seq_len = 64

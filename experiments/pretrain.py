@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 import time
 
 from absl import app
@@ -35,10 +34,10 @@ from jaxlm import evaluation
 from jaxlm import losses
 from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
-from jaxlm import preemption
 from jaxlm import sharding
 from jaxlm import stage
 from jaxlm import tokenizer as tokenizer_lib
+from jaxlm import trainer
 from jaxlm import training
 from jaxlm.data import pipelines
 from jaxlm.data import world
@@ -73,20 +72,18 @@ def get_tokenizer(config, run: checkpoint.RunDir, train_source) -> tokenizer_lib
   return tok
 
 
-def check_config(config) -> None:
-  """Catches settings that would silently misbehave (the step loop advances k steps per call)."""
-  k = config.steps_per_call
-  for name in ("log_every", "eval_every", "checkpoint_every", "total_steps"):
-    if config[name] % k:
-      raise ValueError(f"config.{name}={config[name]} must be a multiple of steps_per_call={k}")
+def check_config(config) -> trainer.LoopConfig:
+  """Catches settings that would silently misbehave; returns the loop's schedule."""
+  loop = trainer.LoopConfig.from_config(config)
   if config.seq_len > config.model.max_len:
     raise ValueError(f"config.seq_len={config.seq_len} exceeds config.model.max_len={config.model.max_len}")
+  return loop
 
 
 def main(argv) -> None:
   del argv
   config, workdir = _CONFIG.value, _WORKDIR.value
-  check_config(config)
+  loop = check_config(config)
   stage.quiet_library_logs()
   session_start = time.perf_counter()
 
@@ -95,10 +92,7 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   mesh = stage.setup_mesh(config.mesh)
   rules = sharding.DEFAULT_RULES
-  run = checkpoint.RunDir(workdir)
-  os.makedirs(run.workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    run.write_config(config)
+  run = stage.open_run(config, workdir)
 
   # ----------------------------------------------------------------------------------------------
   # Data and tokenizer.
@@ -118,11 +112,8 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   model_config = stage.model_config(config.model, vocab_size=tok.vocab_size)
   init_fn = functools.partial(model_lib.init_params, model_config)
-  abstract_params = jax.eval_shape(lambda: sharding.unbox(init_fn(jax.random.key(0))))
-  tx, schedule = training.make_optimizer(**config.optimizer, total_steps=config.total_steps,
-                                         params=abstract_params)
-  abstract_state = training.abstract_train_state(init_fn, tx, mesh, rules)
-  state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+  spec = stage.state_spec(config, init_fn, mesh, rules)
+  tx, schedule, abstract_state, state_shardings = spec.tx, spec.schedule, spec.abstract_state, spec.shardings
   logging.info("model: %s parameters, %.3g training FLOPs per token",
                f"{model_lib.num_params(model_config):,}", model_lib.flops_per_token(model_config, config.seq_len))
 
@@ -131,12 +122,8 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   ckpt = checkpoint.Checkpointer(run.workdir, max_to_keep=config.keep_checkpoints)
   train_iter = iter(train_data)
-  if ckpt.latest_step() is not None:
-    state, data_state = ckpt.restore(abstract_state=abstract_state)
-    if data_state is not None:
-      train_iter.set_state(data_state)
-    logging.info("resumed %s at step %d", run.workdir, int(state.step))
-  else:
+
+  def init() -> training.TrainState:
     state, _ = training.create_train_state(init_fn, tx, jax.random.key(config.seed), mesh, rules)
     if config.init_from:
       parent = checkpoint.load_parent(config.init_from, expect_tokenizer_hash=tok.content_hash,
@@ -144,6 +131,9 @@ def main(argv) -> None:
                                       abstract_params=abstract_state.params)
       state = state.replace(params=parent.params)
       logging.info("initialised params from %s (step %d)", parent.workdir, parent.step)
+    return state
+
+  state = trainer.restore_or_init(ckpt, abstract_state=abstract_state, train_iter=train_iter, init=init, run=run)
   run.write_manifest(stage=config.stage, parent=config.init_from or None, config=config,
                      tokenizer_hash=tok.content_hash, data_source=train_source.description,
                      model_config=model_config)
@@ -161,14 +151,13 @@ def main(argv) -> None:
   eval_batches = [training.shard_batch(b, mesh, rules) for b in
                   (next(valid_iter, None) for _ in range(config.num_eval_batches)) if b is not None]
 
-  def run_eval(step: int) -> dict[str, float]:
+  def run_eval(state: training.TrainState, step: int) -> dict[str, float]:
     result = {f"val_{name}": value for name, value in training.evaluate(eval_step, state.params, eval_batches).items()}
-    writer.write(step, result)
-    logging.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in result.items()))
+    trainer.log_eval(writer, step, result)
     return result
 
   # ----------------------------------------------------------------------------------------------
-  # Train loop. Metrics reach the host only on log steps; NaN stops the run there.
+  # Train loop (jaxlm/trainer.py): host syncs on log steps only; NaN stops the run there.
   # ----------------------------------------------------------------------------------------------
   writer = metrics_lib.MetricWriter(run.workdir)
   start_step = int(state.step)
@@ -179,48 +168,15 @@ def main(argv) -> None:
       flops_per_token=model_lib.flops_per_token(model_config, config.seq_len, causal=True),
       peak_flops=peak * jax.device_count() if peak else None, every=config.log_every,
       keys=("loss", "accuracy"), start_step=start_step)
-  step, last_checked, last_saved = start_step, start_step, ckpt.latest_step()
-
-  def save(step: int) -> None:
-    if not checkpoint.all_finite(state.params):
-      raise FloatingPointError(f"parameters are not finite at step {step}; the last good checkpoint "
-                               f"(step {ckpt.latest_step()}) is kept")
-    ckpt.save(step, state, data_state=train_iter.get_state())
-    run.update_manifest(wall_time_s=time.perf_counter() - session_start)
-
-  with preemption.PreemptionGuard() as guard:
-    while step < config.total_steps:
-      host_batches = [next(train_iter) for _ in range(k)]
-      batch = training.shard_batch(host_batches[0] if k == 1 else host_batches, mesh, rules, steps_per_call=k)
-      state, step_metrics = train_step(state, batch)
-      step += k
-      synced = progress.due(step) or step % config.checkpoint_every == 0 or step >= config.total_steps
-      if synced:
-        host = {name: np.mean(value) for name, value in jax.device_get(step_metrics).items()}
-        good = ckpt.latest_step()
-        metrics_lib.check_finite(host, first_step=last_checked + 1, last_step=step,
-                                 checkpoint=None if good is None else os.path.join(ckpt.directory, str(good)))
-        last_checked = step
-        writer.write(step, host)
-        progress.update(step, host)
-      if step % config.eval_every == 0 and step < config.total_steps:
-        run_eval(step)
-      if step % config.checkpoint_every == 0 or step >= config.total_steps:
-        save(step)
-        last_saved = step
-      # With several processes, agreeing on a stop is a collective: only at host syncs.
-      if (synced or jax.process_count() == 1) and preemption.should_stop(guard):
-        if last_saved != step:
-          save(step)
-        ckpt.close()
-        logging.info("preempted at step %d: checkpoint saved, exiting", step)
-        writer.close()
-        sys.exit(0)
+  state = trainer.fit(state, loop=loop, train_step=train_step, train_iter=train_iter, mesh=mesh, rules=rules,
+                      ckpt=ckpt, run=run, writer=writer, progress=progress, run_eval=run_eval,
+                      session_start=session_start)
+  step = int(state.step)
 
   # ----------------------------------------------------------------------------------------------
   # Final evaluation, samples, and the manifest's headline numbers.
   # ----------------------------------------------------------------------------------------------
-  val = run_eval(step)
+  val = run_eval(state, step)
   final = {"val_loss": val["val_loss"], "val_perplexity": val["val_perplexity"], "steps": step}
   on_world = config.data.source == "world"
   all_probes = world.fact_probes("validation", stage.world_config(config)) if on_world else []

@@ -10,7 +10,10 @@ from configs import common
 from jaxlm import model as model_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STAGE_PRESETS = {"pretrain": ("tiny", "cpu", "nanogpt_cpu", "gpt2_124m", "1b")}
+STAGE_PRESETS = {"pretrain": ("tiny", "cpu", "nanogpt_cpu", "gpt2_124m", "1b"),
+                 "sft": ("tiny", "cpu", "gpt2_124m", "1b"),
+                 "reward": ("tiny", "cpu", "gpt2_124m", "1b"),
+                 "dpo": ("tiny", "cpu", "gpt2_124m", "1b")}
 
 
 def model_config(preset: str) -> model_lib.ModelConfig:

@@ -5,11 +5,8 @@ parameters (bitwise: XLA on CPU is deterministic, and so are the data pipeline a
 """
 
 import json
-import os
-import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -18,36 +15,20 @@ import pytest
 
 from jaxlm import checkpoint
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-STEPS = 40
-OVERRIDES = [f"--config.total_steps={STEPS}", "--config.log_every=10", "--config.checkpoint_every=10",
-             "--config.eval_every=20", "--config.num_probes=4", "--config.num_samples=1",
-             "--config.sample_len=8"]
+from conftest import PRETRAIN_OVERRIDES, PRETRAIN_STEPS as STEPS, ROOT, stage_command, stage_environment
 
 
 def command(workdir, *extra):
-  return [sys.executable, "-m", "experiments.pretrain", "--config=configs/pretrain.py:tiny",
-          f"--workdir={workdir}", *OVERRIDES, *extra]
+  return stage_command("pretrain", workdir, *PRETRAIN_OVERRIDES, *extra)
 
 
 def environment(cache_dir):
-  env = dict(os.environ, JAXLM_DATA_DIR=str(cache_dir), JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return env
+  return stage_environment(cache_dir)
 
 
 @pytest.fixture(scope="module")
-def data_cache(tmp_path_factory):
-  return tmp_path_factory.mktemp("data_cache")
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, data_cache):
-  workdir = tmp_path_factory.mktemp("pretrain") / "run"
-  result = subprocess.run(command(workdir), cwd=ROOT, env=environment(data_cache), capture_output=True,
-                          text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-4000:]
-  return workdir, result
+def finished_run(tiny_pretrain_run):
+  return tiny_pretrain_run
 
 
 def final_params(workdir):

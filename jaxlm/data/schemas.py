@@ -7,6 +7,7 @@ A record is a plain Python dict:
 | `text`       | `{"text": str}`                                                          |
 | `chat`       | `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "meta": dict}` |
 | `preference` | `{"prompt": [messages], "chosen": str, "rejected": str, "meta": dict}`   |
+|              | also `{"chosen": full_text, "rejected": full_text}`: the shared prompt is split off (`preference_text.py`) |
 | `prompt`     | `{"prompt": [messages], "meta": dict}`                                   |
 
 `meta` is an optional JSON-serialisable dict (it is always present after validation, maybe
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping
 
+from jaxlm.data import preference_text
 from jaxlm.data.errors import DataError
 
 KINDS = ("text", "chat", "preference", "prompt")
@@ -115,6 +117,11 @@ def validate(kind: str, obj: Any, where: str) -> dict[str, Any]:
   check_kind(kind)
   if not isinstance(obj, dict):
     raise DataError(where, f"expected a JSON object for a {kind} record, got {type(obj).__name__}")
+  if kind == "preference" and "prompt" not in obj and isinstance(obj.get("chosen"), str) \
+      and isinstance(obj.get("rejected"), str):
+    # The whole-transcript layout of many public preference sets: split off the shared prompt.
+    prompt, chosen, rejected = preference_text.split_shared_prefix(obj["chosen"], obj["rejected"], where)
+    obj = {**obj, "prompt": prompt, "chosen": chosen, "rejected": rejected}
   for field in FIELDS[kind]:
     if field not in obj:
       raise DataError(where, f"missing field {field!r} (a {kind} record has {list(FIELDS[kind])})")

@@ -1,0 +1,202 @@
+r"""Stage 4b: direct preference optimisation (DPO, conservative DPO, IPO) against the SFT model.
+
+  python -m experiments.dpo --config=configs/dpo.py:cpu --workdir=runs/dpo --config.init_from=runs/sft
+  python -m experiments.dpo --config=configs/dpo.py:tiny --workdir=/tmp/dpo --config.init_from=/tmp/sft
+
+The policy starts from `config.init_from` (the SFT run directory); the frozen reference is the
+same SFT model. Each step: the summed response log-probs of both sides of every pair under the
+policy (one forward pass of the [2B, L] batch, `jaxlm/dpo.py`), the reference's (precomputed
+once into reference_logps.npy, or computed online per batch), and the loss of
+`config.loss.name`. Training metrics: loss, implicit-reward accuracy, chosen and rejected
+implicit rewards, margin. Evaluation: the same on held-out pairs, and by generating on held-out
+prompts (`jaxlm/policy_eval.py`, shared with PPO): gold reward, win rate against the SFT model,
+KL to it, length, well-formed rate. Resume and preemption as in stage 1 (`jaxlm/trainer.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from jaxlm import checkpoint
+from jaxlm import dpo
+from jaxlm import files
+from jaxlm import metrics as metrics_lib
+from jaxlm import model as model_lib
+from jaxlm import policy_eval
+from jaxlm import sampling
+from jaxlm import sharding
+from jaxlm import stage
+from jaxlm import trainer
+from jaxlm import training
+from jaxlm.data import pipelines
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+REFERENCE_FILE = "reference_logps.npy"
+
+
+def check_config(config) -> trainer.LoopConfig:
+  """Catches settings that would silently misbehave; returns the loop's schedule."""
+  if not config.init_from:
+    raise ValueError("config.init_from is required: the SFT run directory (policy start and "
+                     "reference), e.g. --config.init_from=runs/sft")
+  if config.loss.name not in dpo.LOSSES:
+    raise ValueError(f"config.loss.name={config.loss.name!r}: expected one of {sorted(dpo.LOSSES)}")
+  if not config.loss.beta > 0:
+    raise ValueError(f"config.loss.beta={config.loss.beta} must be > 0")
+  loop = trainer.LoopConfig.from_config(config)
+  if config.seq_len > config.model.max_len:
+    raise ValueError(f"config.seq_len={config.seq_len} exceeds config.model.max_len={config.model.max_len}")
+  return loop
+
+
+def reference_table(run: checkpoint.RunDir, reference_params, model_config, source, tok, config) -> np.ndarray:
+  """The reference log-probs of every training pair: loaded from the run, or computed once.
+
+  Written atomically, so an interrupted computation is simply redone by the next session.
+  """
+  path = os.path.join(run.workdir, REFERENCE_FILE)
+  if os.path.exists(path):
+    table = np.load(path)
+    if table.shape == (len(source), 2):
+      return table
+    logging.warning("%s has shape %s, expected (%d, 2): recomputing", path, table.shape, len(source))
+  start = time.perf_counter()
+  # Every host computes the whole table (it is small: 8 bytes per pair) from one finite pass.
+  batches = pipelines.pairs_dataset(source, tok, max_len=config.seq_len, batch_size=config.batch_size,
+                                    seed=config.seed, num_epochs=1, shuffle=False,
+                                    length_policy=config.length_policy)
+  table = dpo.precompute_reference(reference_params, model_config, batches, len(source))
+  if jax.process_index() == 0:
+    buffer = io.BytesIO()
+    np.save(buffer, table)
+    files.atomic_write(path, buffer.getvalue())
+  logging.info("reference log-probs of %d pairs precomputed in %.1fs", int(np.isfinite(table[:, 0]).sum()),
+               time.perf_counter() - start)
+  return table
+
+
+def main(argv) -> None:
+  del argv
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  loop = check_config(config)
+  stage.quiet_library_logs()
+  session_start = time.perf_counter()
+
+  # ----------------------------------------------------------------------------------------------
+  # Mesh, run directory, the parent's tokenizer and shape.
+  # ----------------------------------------------------------------------------------------------
+  mesh = stage.setup_mesh(config.mesh)
+  rules = sharding.DEFAULT_RULES
+  run = stage.open_run(config, workdir)
+  tok = stage.child_tokenizer(config, run)
+  model_config = stage.model_config(config.model, vocab_size=tok.vocab_size)
+
+  # ----------------------------------------------------------------------------------------------
+  # Model, optimizer, state; the frozen reference (the SFT params) kept on the host.
+  # ----------------------------------------------------------------------------------------------
+  init_fn = functools.partial(model_lib.init_params, model_config)
+  spec = stage.state_spec(config, init_fn, mesh, rules)
+  tx, schedule, abstract_state, state_shardings = spec.tx, spec.schedule, spec.abstract_state, spec.shardings
+  # Host numpy: the reference is only read (precompute, evaluation); the policy is a copy on device.
+  reference = checkpoint.load_parent(config.init_from, expect_tokenizer_hash=tok.content_hash,
+                                     expect_model_config=model_config)
+
+  # ----------------------------------------------------------------------------------------------
+  # Data: pairs with the reference log-probs attached; held-out pairs and prompts.
+  # ----------------------------------------------------------------------------------------------
+  train_source = stage.open_split(config, "preference", "train")
+  valid_source = stage.open_split(config, "preference", "validation")
+  shard = pipelines.HostShard.from_jax()
+  host_batch = stage.per_host_batch_size(config.batch_size)
+  data_args = dict(max_len=config.seq_len, batch_size=host_batch, seed=config.seed, shard=shard,
+                   length_policy=config.length_policy)
+  pairs = iter(pipelines.pairs_dataset(train_source, tok, num_threads=config.data.num_threads, **data_args))
+  reference_logps = dpo.reference_fn(model_config)
+  if config.reference.precompute:
+    train_iter = dpo.ReferenceAttacher(
+        pairs, table=reference_table(run, reference.params, model_config, train_source, tok, config))
+  else:
+    train_iter = dpo.ReferenceAttacher(pairs, params=jax.device_put(reference.params), compute=reference_logps)
+  valid_iter = iter(pipelines.pairs_dataset(valid_source, tok, num_epochs=1, shuffle=False, **data_args))
+  valid_host = [b for b in (next(valid_iter, None) for _ in range(config.num_eval_batches)) if b is not None]
+  online = dpo.ReferenceAttacher(iter(()), params=reference.params, compute=reference_logps)
+  valid_batches = [online.attach(b) for b in valid_host]
+  prompts = stage.eval_prompts(config, valid_source)
+  evaluator = policy_eval.PolicyEvaluator(
+      reference.params, model_config, tok, prompts, max_new_tokens=config.eval.max_new_tokens,
+      rng=jax.random.key(config.seed), sampling=sampling.SamplingConfig(temperature=config.eval.temperature),
+      judge=stage.eval_judge(config, tok), batch_size=config.eval.batch_size)
+
+  ckpt = checkpoint.Checkpointer(run.workdir, max_to_keep=config.keep_checkpoints)
+
+  def init() -> training.TrainState:
+    state, _ = training.create_train_state(init_fn, tx, jax.random.key(config.seed), mesh, rules)
+    params = jax.tree.map(lambda x, target: jax.device_put(x, target.sharding), reference.params, state.params)
+    logging.info("policy from %s (%s, step %d)", reference.workdir, reference.manifest["stage"], reference.step)
+    return state.replace(params=params)
+
+  state = trainer.restore_or_init(ckpt, abstract_state=abstract_state, train_iter=train_iter, init=init, run=run)
+  run.write_manifest(stage=config.stage, parent=config.init_from, config=config, tokenizer_hash=tok.content_hash,
+                     data_source=train_source.description, model_config=model_config,
+                     extra={"num_params": model_lib.num_params(model_config), "loss": config.loss.name,
+                            "beta": config.loss.beta})
+
+  # ----------------------------------------------------------------------------------------------
+  # The update step and the evaluations.
+  # ----------------------------------------------------------------------------------------------
+  loss_fn = dpo.dpo_loss_fn(model_lib.Transformer(model_config), loss=config.loss.name, beta=config.loss.beta,
+                            label_smoothing=config.loss.label_smoothing)
+  train_step = training.make_train_step(loss_fn, tx, mesh=mesh, state_shardings=state_shardings,
+                                        schedule_fn=schedule, num_microbatches=config.num_microbatches,
+                                        steps_per_call=loop.steps_per_call)
+  eval_step = training.make_eval_step(loss_fn, mesh=mesh, state_shardings=state_shardings)
+  eval_batches = [training.shard_batch(b, mesh, rules) for b in valid_batches]
+  writer = metrics_lib.MetricWriter(run.workdir)
+  writer.resume(int(state.step))
+
+  def run_eval(state: training.TrainState, step: int) -> dict[str, float]:
+    pairs_metrics = training.evaluate(eval_step, state.params, eval_batches)
+    result = {f"val_{k}": v for k, v in pairs_metrics.items() if k not in ("perplexity", "tokens")}
+    generated, rows = evaluator(state.params)
+    result.update(generated)
+    trainer.log_eval(writer, step, result)
+    writer.write_samples(step, rows[: config.eval.num_samples])
+    return result
+
+  if "reference_well_formed" not in run.read_manifest().get("final_metrics", {}):
+    run.update_manifest(final_metrics={f"reference_{k}": v for k, v in evaluator.reference_metrics().items()})
+
+  # ----------------------------------------------------------------------------------------------
+  # Train loop (jaxlm/trainer.py), then the final evaluation.
+  # ----------------------------------------------------------------------------------------------
+  progress = metrics_lib.Progress(
+      config.total_steps, tokens_per_step=2 * config.batch_size * config.seq_len,
+      flops_per_token=model_lib.flops_per_token(model_config, config.seq_len, causal=True),
+      every=config.log_every, keys=("loss", "accuracy", "margin"), start_step=int(state.step))
+  state = trainer.fit(state, loop=loop, train_step=train_step, train_iter=train_iter, mesh=mesh, rules=rules,
+                      ckpt=ckpt, run=run, writer=writer, progress=progress, run_eval=run_eval,
+                      session_start=session_start)
+  step = int(state.step)
+  final = run_eval(state, step)
+  final["steps"] = step
+  ckpt.close()
+  writer.close()
+  run.update_manifest(final_metrics=final, wall_time_s=time.perf_counter() - session_start, complete=True)
+  logging.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()})
+
+
+if __name__ == "__main__":
+  app.run(main)

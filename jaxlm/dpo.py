@@ -1,0 +1,171 @@
+"""Direct preference optimisation: response log-probs of pair batches, and the training loss.
+
+DPO (Rafailov et al. 2023) trains the policy pi directly on preference pairs (x, y_c, y_r)
+against a frozen reference pi_ref (the SFT model), through the implicit rewards
+
+  r(x, y) = beta * (log pi(y | x) - log pi_ref(y | x)),   log pi(y | x) = sum_t log pi(y_t | x, y_<t)
+
+summed over the response tokens only (the pairs pipeline's `<side>_loss_mask`, which covers the
+response and its `<|end|>`). The losses themselves (sigmoid DPO, conservative DPO, IPO) are pure
+functions of four [B] log-prob vectors in `jaxlm/losses.py`; this module computes those vectors
+with the same `Transformer` forward pass as every other stage and wires them into the
+`(loss_sum, count, aux_sums)` contract of `jaxlm/training.py`.
+
+The reference log-probs enter through the batch (`reference_chosen_logps`,
+`reference_rejected_logps`, [B]), from either of two sources that give the same loss:
+
+  * online: a jitted forward of the frozen reference on each batch just before the step
+    (`ReferenceAttacher` with `reference_fn`), holding two models in memory;
+  * precomputed: one pass over the training pairs before training (`precompute_reference`),
+    looked up by `record_index`, after which the reference is dropped and training holds one
+    model (the memory fix for large models).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import losses
+from jaxlm import model as model_lib
+
+Array = jax.Array
+SIDES = ("chosen", "rejected")
+# name -> loss function of the four [B] log-prob vectors (and beta, label_smoothing).
+LOSSES = {
+    "sigmoid": lambda beta, label_smoothing: functools.partial(losses.dpo_loss, beta=beta,
+                                                               label_smoothing=label_smoothing),
+    "ipo": lambda beta, label_smoothing: functools.partial(losses.ipo_loss, beta=beta),
+}
+
+
+def pair_log_probs(model: model_lib.Transformer, params, batch: Mapping[str, Array]) -> tuple[Array, Array]:
+  """Summed response log-probs of both sides: ([B], [B]) float32, one forward pass of [2B, L].
+
+  The pairs are unshifted (prompt + response in `<side>_tokens`); logits at position t predict
+  token t + 1, so the response tokens are scored where `<side>_loss_mask[:, 1:]` is True.
+  """
+  def both(name):
+    return jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
+
+  tokens = both("tokens")
+  logits = model.apply({"params": params}, tokens[:, :-1], segment_ids=both("segment_ids")[:, :-1],
+                       positions=both("positions")[:, :-1]).logits
+  log_probs = losses.sequence_log_probs(logits=logits, targets=tokens[:, 1:], mask=both("loss_mask")[:, 1:])
+  return jnp.split(log_probs, 2)
+
+
+def dpo_loss_fn(model: model_lib.Transformer, *, loss: str, beta: float, label_smoothing: float = 0.0) -> Callable:
+  """The DPO training loss in the `(loss_sum, count, aux_sums)` contract of training.py.
+
+  Args:
+    model: the policy's Transformer.
+    loss: a key of `LOSSES` ("sigmoid": DPO, conservative with label_smoothing > 0; "ipo").
+    beta: the KL-regularisation strength (IPO's tau).
+    label_smoothing: cDPO's assumed label-noise rate (sigmoid only).
+
+  Returns:
+    `loss_fn(params, batch, rng)`; the batch also carries `reference_chosen_logps` and
+    `reference_rejected_logps` [B]. Aux sums, reported per pair: `accuracy` (implicit reward of
+    chosen > rejected, ties half), `chosen_reward`, `rejected_reward`, `margin`, and the policy's
+    `chosen_logps`, `rejected_logps`.
+  """
+  if loss not in LOSSES:
+    raise ValueError(f"unknown DPO loss {loss!r}; expected one of {sorted(LOSSES)}")
+  if loss != "sigmoid" and label_smoothing:
+    raise ValueError(f"label_smoothing applies to the sigmoid loss only, not {loss!r}")
+  per_pair_loss = LOSSES[loss](beta, label_smoothing)
+
+  def loss_fn(params, batch, rng):
+    del rng
+    chosen, rejected = pair_log_probs(model, params, batch)
+    logps = dict(policy_chosen_logps=chosen, policy_rejected_logps=rejected,
+                 reference_chosen_logps=batch["reference_chosen_logps"],
+                 reference_rejected_logps=batch["reference_rejected_logps"])
+    per_pair = per_pair_loss(**logps)
+    chosen_reward, rejected_reward = losses.dpo_implicit_rewards(**logps, beta=beta)
+    valid = batch["valid"].astype(jnp.float32)
+    aux = {"accuracy": losses.pairwise_accuracy(chosen_rewards=chosen_reward, rejected_rewards=rejected_reward),
+           "chosen_reward": chosen_reward, "rejected_reward": rejected_reward,
+           "margin": chosen_reward - rejected_reward, "chosen_logps": chosen, "rejected_logps": rejected}
+    return (jnp.sum(per_pair * valid), jnp.sum(valid),
+            {name: jnp.sum(value * valid) for name, value in aux.items()})
+
+  return loss_fn
+
+
+def reference_fn(config: model_lib.ModelConfig) -> Callable[[Any, Mapping[str, Array]], tuple[Array, Array]]:
+  """A jitted `(reference_params, batch) -> (chosen_logps [B], rejected_logps [B])`."""
+  model = model_lib.Transformer(config)
+  return jax.jit(lambda params, batch: pair_log_probs(model, params, batch))
+
+
+_MODEL_KEYS = tuple(f"{side}_{name}" for side in SIDES for name in ("tokens", "segment_ids", "positions", "loss_mask"))
+
+
+def _model_inputs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {key: batch[key] for key in _MODEL_KEYS}
+
+
+def precompute_reference(params, config: model_lib.ModelConfig, batches, num_records: int) -> np.ndarray:
+  """Reference log-probs of every pair of a finite pass: float32 [num_records, 2] (chosen,
+  rejected) indexed by `record_index`; NaN for records the pass did not contain (dropped ones).
+  """
+  compute = reference_fn(config)
+  table = np.full((num_records, 2), np.nan, np.float32)
+  pending = []
+  for batch in batches:
+    pending.append((np.asarray(batch["record_index"]), np.asarray(batch["valid"]).astype(bool),
+                    compute(params, _model_inputs(batch))))
+  for index, valid, (chosen, rejected) in pending:
+    chosen, rejected = np.asarray(chosen), np.asarray(rejected)
+    table[index[valid], 0] = chosen[valid]
+    table[index[valid], 1] = rejected[valid]
+  return table
+
+
+class ReferenceAttacher:
+  """Wraps a pairs iterator so every batch carries the reference log-probs.
+
+  Exactly one of `table` (from `precompute_reference`, looked up by `record_index`) or
+  `params` + `compute` (an online forward of the frozen reference) is given. `get_state` and
+  `set_state` pass through, so checkpoints still record the data position.
+  """
+
+  def __init__(self, iterator: Iterator[dict], *, table: np.ndarray | None = None, params: Any = None,
+               compute: Callable | None = None):
+    if (table is None) == (compute is None):
+      raise ValueError("give either a precomputed table or params and compute, not both")
+    self._iterator, self._table, self._params, self._compute = iterator, table, params, compute
+
+  def __iter__(self) -> "ReferenceAttacher":
+    return self
+
+  def __next__(self) -> dict:
+    return self.attach(next(self._iterator))
+
+  def attach(self, batch: Mapping[str, np.ndarray]) -> dict:
+    """A copy of a host pairs batch with `reference_chosen_logps`, `reference_rejected_logps`."""
+    batch = dict(batch)
+    if self._table is not None:
+      looked_up = self._table[np.asarray(batch["record_index"])]
+      valid = np.asarray(batch["valid"]).astype(bool)
+      if np.isnan(looked_up[valid]).any():
+        raise ValueError("a training pair has no precomputed reference log-probs: the table was "
+                         "computed on other data")
+      chosen, rejected = np.nan_to_num(looked_up[:, 0]), np.nan_to_num(looked_up[:, 1])
+    else:
+      chosen, rejected = jax.device_get(self._compute(self._params, _model_inputs(batch)))
+    batch["reference_chosen_logps"] = np.asarray(chosen, np.float32)
+    batch["reference_rejected_logps"] = np.asarray(rejected, np.float32)
+    return batch
+
+  def get_state(self) -> dict:
+    return self._iterator.get_state()
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    self._iterator.set_state(state)
