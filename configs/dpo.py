@@ -8,9 +8,9 @@ r"""Stage 4b: direct preference optimisation (DPO) on the preference pairs.
       --config.data.source='jsonl:prefs/*.jsonl' --config.eval.judge=runs/reward
 
 The policy starts from `init_from` (the SFT run directory) and the frozen reference is the same
-SFT model. With `reference.precompute`, the reference log-probs of every training pair are
-computed once before training and kept with the run (reference_logps.npy), so training holds one
-model. Evaluation on held-out prompts is the one PPO uses (`jaxlm/policy_eval.py`): gold reward
+SFT model. With `reference.precompute`, the reference log-probs of the training pairs the run
+will see are computed once before training and kept with the run (reference_logps.npy), so
+training holds one model. Evaluation on held-out prompts is the one PPO uses (`jaxlm/policy_eval.py`): gold reward
 (world), win rate against the SFT model, KL to it, length, well-formed rate; with
 `eval.judge` set to a reward-model run directory, that model judges (a user's prompts have no
 gold reward).
@@ -47,21 +47,22 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       precompute=True,            # reference log-probs once before training: one model in memory
   ))
 
-  c.seq_len = 128                 # prompt + response tokens per side
+  c.seq_len = 96                  # prompt + response tokens per side (90% of world pairs fit)
   c.length_policy = "truncate"
   c.batch_size = 32               # pairs per optimizer step
   c.num_microbatches = 1
   c.steps_per_call = 10
-  c.total_steps = 200
+  # 3.2k pairs: win rate 0.75 against SFT at 100 steps, 0.70 at 200.
+  c.total_steps = 100
 
   c.optimizer = common.optimizer_config(learning_rate=3e-4)
 
   c.mesh = common.mesh_config()
 
   c.log_every = 20
-  c.eval_every = 100
+  c.eval_every = 50
   c.num_eval_batches = 16         # held-out pairs: loss and implicit-reward accuracy
-  c.checkpoint_every = 100
+  c.checkpoint_every = 50
   c.keep_checkpoints = 2
 
   # Generation on held-out prompts (shared with PPO): the policy against the SFT model.

@@ -35,12 +35,14 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.world = common.world_config()
   c.model = common.model_config("cpu")  # must equal the parent's shape
 
-  c.seq_len = 128                 # prompt + response tokens per side; prompts are cut from the left
+  c.seq_len = 96                  # prompt + response tokens per side (90% of world pairs fit); prompts are cut from the left
   c.length_policy = "truncate"    # truncate (the prompt's oldest turns) | drop
   c.batch_size = 32               # pairs per optimizer step
   c.num_microbatches = 1
   c.steps_per_call = 10
-  c.total_steps = 300             # ~half an epoch of the world's 18k training pairs
+  # 3.2k pairs, a sixth of the world's: held-out accuracy 0.708 at 150 steps and 0.693 at 300,
+  # so longer training does not help at this size.
+  c.total_steps = 100
 
   c.loss = config_dict.ConfigDict(dict(
       margin=0.0,                 # m in -log sigmoid(r_c - r_r - m)
@@ -52,9 +54,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.mesh = common.mesh_config()
 
   c.log_every = 20
-  c.eval_every = 150
+  c.eval_every = 50
   c.num_eval_batches = 32         # held-out pairs scored at each eval: num_eval_batches * batch_size
-  c.checkpoint_every = 150
+  c.checkpoint_every = 50
   c.keep_checkpoints = 2
 
   # Reward statistics for PPO: the parent's samples on training prompts, scored by this model.

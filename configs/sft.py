@@ -42,7 +42,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.batch_size = 16
   c.num_microbatches = 1
   c.steps_per_call = 10
-  c.total_steps = 300             # ~2 passes over 20k world chats at ~8 chats per packed row
+  # ~1 pass over the world's 18k training chats (~7 per packed row). Held-out loss is lowest
+  # here; 300 steps overfit (0.669 at 150 steps, 0.694 at 300).
+  c.total_steps = 160
 
   # A third of stage 1's peak: adapt, do not forget the facts; no decay towards zero.
   c.optimizer = common.optimizer_config(learning_rate=1e-3)
@@ -50,9 +52,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.mesh = common.mesh_config()
 
   c.log_every = 20
-  c.eval_every = 150
+  c.eval_every = 160               # generation evals are the slow part: the parent's and the final one
   c.num_eval_batches = 8          # fixed validation chat batches (held-out loss)
-  c.checkpoint_every = 150
+  c.checkpoint_every = 80
   c.keep_checkpoints = 2
 
   # Generation on held-out prompts: the parent at the start, this model at every eval.

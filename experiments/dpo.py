@@ -62,28 +62,32 @@ def check_config(config) -> trainer.LoopConfig:
   return loop
 
 
-def reference_table(run: checkpoint.RunDir, reference_params, model_config, source, tok, config) -> np.ndarray:
-  """The reference log-probs of every training pair: loaded from the run, or computed once.
+def reference_table(run: checkpoint.RunDir, reference_params, model_config, source, tok, config,
+                    data_args: dict) -> np.ndarray:
+  """The reference log-probs of the training pairs this run will see: loaded, or computed once.
 
-  Written atomically, so an interrupted computation is simply redone by the next session.
+  The pairs come from a second iterator with the training iterator's exact arguments, read for
+  `total_steps` batches: the same pairs in the same order, so the table covers every pair the
+  run trains on and no other (one forward pass per training pair, like the online mode, but
+  before training; afterwards the reference is not needed on the device). Pairs not covered are
+  NaN, and looking one up is an error. Written atomically: an interrupted computation is redone.
   """
-  path = os.path.join(run.workdir, REFERENCE_FILE)
+  # Each process looks up only the pairs of its own data shard, so each keeps its own table.
+  name = REFERENCE_FILE if jax.process_count() == 1 else f"reference_logps.{jax.process_index()}.npy"
+  path = os.path.join(run.workdir, name)
   if os.path.exists(path):
     table = np.load(path)
     if table.shape == (len(source), 2):
       return table
     logging.warning("%s has shape %s, expected (%d, 2): recomputing", path, table.shape, len(source))
   start = time.perf_counter()
-  # Every host computes the whole table (it is small: 8 bytes per pair) from one finite pass.
-  batches = pipelines.pairs_dataset(source, tok, max_len=config.seq_len, batch_size=config.batch_size,
-                                    seed=config.seed, num_epochs=1, shuffle=False,
-                                    length_policy=config.length_policy)
-  table = dpo.precompute_reference(reference_params, model_config, batches, len(source))
-  if jax.process_index() == 0:
-    buffer = io.BytesIO()
-    np.save(buffer, table)
-    files.atomic_write(path, buffer.getvalue())
-  logging.info("reference log-probs of %d pairs precomputed in %.1fs", int(np.isfinite(table[:, 0]).sum()),
+  pairs = iter(pipelines.pairs_dataset(source, tok, num_threads=config.data.num_threads, **data_args))
+  table = dpo.precompute_reference(reference_params, model_config,
+                                   (next(pairs) for _ in range(config.total_steps)), len(source))
+  buffer = io.BytesIO()
+  np.save(buffer, table)
+  files.atomic_write(path, buffer.getvalue())
+  logging.info("reference log-probs of %d training pairs precomputed in %.1fs", int(np.isfinite(table[:, 0]).sum()),
                time.perf_counter() - start)
   return table
 
@@ -127,7 +131,7 @@ def main(argv) -> None:
   reference_logps = dpo.reference_fn(model_config)
   if config.reference.precompute:
     train_iter = dpo.ReferenceAttacher(
-        pairs, table=reference_table(run, reference.params, model_config, train_source, tok, config))
+        pairs, table=reference_table(run, reference.params, model_config, train_source, tok, config, data_args))
   else:
     train_iter = dpo.ReferenceAttacher(pairs, params=jax.device_put(reference.params), compute=reference_logps)
   valid_iter = iter(pipelines.pairs_dataset(valid_source, tok, num_epochs=1, shuffle=False, **data_args))

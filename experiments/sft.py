@@ -140,8 +140,9 @@ def main(argv) -> None:
         batch_size=config.eval.batch_size)
     result = {f"{prefix}{name}": value for name, value in metrics.items()}
     trainer.log_eval(writer, step, result)
-    if not prefix:
-      writer.write_samples(step, rows[: config.eval.num_samples])
+    # Step 0 holds the parent's replies: samples.jsonl shows the same prompts before and after.
+    writer.write_samples(step, [{**row, "model": "parent" if prefix else "sft"}
+                                for row in rows[: config.eval.num_samples]])
     return result
 
   def run_eval(state: training.TrainState, step: int) -> dict[str, float]:

@@ -22,7 +22,7 @@ so no query row is ever fully masked and nothing turns into NaN. `positions` (Ro
 
 KV cache (sampling). A plain pytree of arrays, passed in and returned::
 
-  k, v    [layers, B, S, num_kv_heads, head_dim]  (cache dtype, default: compute dtype)
+  k, v    [layers, B, num_kv_heads, S, head_dim]  (cache dtype, default: compute dtype)
   valid   [B, S] bool: slot s holds a real token
 
 A token at absolute position p is written to slot p of its row, so slot index == position,
@@ -30,6 +30,13 @@ rows may sit at different positions, and left- or right-padded prompts both work
 segment id 0 are not written. A query at position p attends to valid slots s <= p (its own
 slot included: the writes happen before attention). T > 1 is a prefill, T == 1 a decode step.
 One sequence per row: positions must not repeat within a row, and positions >= S are dropped.
+
+The whole cache is carried through the layers (not scanned over) and each layer scatters its
+keys/values into it, so a loop that carries it is updated in place. A kv head's slots are
+contiguous: a decode step's attention is one matrix-vector product per (row, kv head) over the
+cache as it lies. With `scan_layers=False`, k and v may be tuples of L buffers [B, Hkv, S, Dh]
+(`init_cache(..., per_layer=True)`, what the sampler uses: slicing a layer out of a stacked
+buffer is a copy on XLA:CPU).
 
 Parameters are float32 and carry logical axis names (`nn.with_logical_partitioning`, see
 `jaxlm/sharding.py` for the vocabulary and the rules). With `scan_layers=True` (the default)
@@ -93,8 +100,8 @@ ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 # Logical axis names of the cache arrays, for `jaxlm.sharding.logical_shardings`-style rules.
 CACHE_AXES = {
-    "k": ("layers", "batch", "length", "heads", "kv"),
-    "v": ("layers", "batch", "length", "heads", "kv"),
+    "k": ("layers", "batch", "heads", "length", "kv"),
+    "v": ("layers", "batch", "heads", "length", "kv"),
     "valid": ("batch", "length"),
 }
 
@@ -272,8 +279,8 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, rope, mask, layer_cache, write_slots):
-    """x [B, T, E] -> ([B, T, E], updated layer cache or None). See `Transformer`."""
+  def __call__(self, x, rope, mask, cache, layer, write_slots):
+    """x [B, T, E] -> ([B, T, E], the whole cache with layer `layer`'s keys/values written)."""
     c, dtype = self.config, self.config.compute_dtype
     qkv_names = ("embed", "heads", "kv")
     q = Dense((c.embed_dim, c.num_heads, c.head_dim), qkv_names, 1, 0.02, dtype, name="q")(x)
@@ -285,28 +292,61 @@ class Attention(nn.Module):
     k = nn.with_logical_constraint(k, activation_names)
     v = nn.with_logical_constraint(v, activation_names)
 
-    new_cache = None
-    if layer_cache is not None:
-      # Scatter this call's keys/values into their slots (slot == position); the slot of a
-      # padding token is out of bounds and dropped. Then attend over the whole cache.
-      rows = jnp.arange(x.shape[0])[:, None]
-      new_cache = {
-          name: layer_cache[name].at[rows, write_slots].set(
-              new.astype(layer_cache[name].dtype), mode="drop")
-          for name, new in (("k", k), ("v", v))
-      }
-      k, v = new_cache["k"].astype(dtype), new_cache["v"].astype(dtype)
-      k = nn.with_logical_constraint(k, activation_names)
-      v = nn.with_logical_constraint(v, activation_names)
-
-    # Index causality only without a cache: the cache's mask already encodes position order.
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=layer_cache is None,
-                                       implementation=c.attention_impl)
+    if cache is None:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                         implementation=c.attention_impl)
+    else:
+      cache = _write_cache(cache, layer, write_slots, k, v)
+      out = _cached_attention(q, cache, layer, mask)
     out = nn.with_logical_constraint(out, activation_names)
     out_std = 0.02 / math.sqrt(2 * c.num_layers)
     y = Dense((c.num_heads, c.head_dim, c.embed_dim), ("heads", "kv", "embed"), 2, out_std, dtype,
               name="o")(out)
-    return y, new_cache
+    return y, cache
+
+
+def _write_cache(cache, layer, write_slots, k, v):
+  """Scatters k, v [B, T, Hkv, Dh] into slots `write_slots` [B, T] of layer `layer`.
+
+  A padding token's slot is S (out of bounds): dropped. Vmapped over rows, so the batch is a
+  batching dimension of the scatter and a batch-split cache is written shard-locally.
+  """
+  def write_row(buf, new, slots):  # new [T, Hkv, Dh], slots [T]
+    new = new.astype(buf.dtype)
+    if buf.ndim == 3:  # one layer: [Hkv, S, Dh]
+      return buf.at[:, slots].set(jnp.swapaxes(new, 0, 1), mode="drop")
+    # [L, Hkv, S, Dh]: the view buf[layer, :, slots] is [T, Hkv, Dh] (numpy puts advanced
+    # indices separated by a slice first).
+    return buf.at[layer, :, slots].set(new, mode="drop")
+
+  def write(buf, new):
+    if isinstance(buf, tuple):  # per-layer buffers; `layer` is a python int
+      one = jax.vmap(write_row)(buf[layer], new, write_slots)
+      return buf[:layer] + (one,) + buf[layer + 1:]
+    return jax.vmap(write_row, in_axes=(1, 0, 0), out_axes=1)(buf, new, write_slots)
+  return {"k": write(cache["k"], k), "v": write(cache["v"], v)}
+
+
+def _cached_attention(q, cache, layer, mask):
+  """softmax(q k^T / sqrt(Dh) + mask) v over the cache of layer `layer`: [B, T, H, Dh].
+
+  The arithmetic of `jax.nn.dot_product_attention`'s XLA path (float32 scores and softmax,
+  probabilities cast to the value dtype), written out for the cache layout [B, Hkv, S, Dh],
+  which it would transpose, for any `attention_impl` (a flash kernel gains nothing at T = 1).
+  """
+  batch, length, num_heads, head_dim = q.shape
+  k, v = cache["k"][layer].astype(q.dtype), cache["v"][layer].astype(q.dtype)
+  k = nn.with_logical_constraint(k, ("batch", "heads", "length", "kv"))
+  v = nn.with_logical_constraint(v, ("batch", "heads", "length", "kv"))
+  num_kv = k.shape[1]
+  q = q.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * jnp.float32(1 / math.sqrt(head_dim))
+  # mask [B, 1, T, S]; a large negative (not -inf) as jax does: never NaN.
+  scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+  return out.reshape(batch, length, num_heads, head_dim)
 
 
 class Mlp(nn.Module):
@@ -326,18 +366,20 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """One pre-norm layer. Its signature (carry, *broadcast/scanned args) suits `nn.scan`."""
+  """One pre-norm layer; carry (x [B, T, E], cache or None, layer index), for `nn.scan`."""
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, rope, mask, layer_cache, write_slots):
+  def __call__(self, carry, rope, mask, write_slots):
     c = self.config
+    x, cache, layer = carry
     h = RMSNorm(c.norm_eps, c.compute_dtype, name="attn_norm")(x)
-    h, new_cache = Attention(c, name="attn")(h, rope, mask, layer_cache, write_slots)
+    h, cache = Attention(c, name="attn")(h, rope, mask, cache, layer, write_slots)
     x = x + h
     x = x + Mlp(c, name="mlp")(RMSNorm(c.norm_eps, c.compute_dtype, name="mlp_norm")(x))
-    return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return (x, cache, layer + 1), None
 
 
 def _block_class(config: ModelConfig) -> type[nn.Module]:
@@ -349,7 +391,7 @@ def _block_class(config: ModelConfig) -> type[nn.Module]:
                      prevent_cse=not config.scan_layers)
   if config.scan_layers:
     block = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                     length=config.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
   return block
 
@@ -428,13 +470,20 @@ def positions_from_segments(segment_ids: Array) -> Array:
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int | None = None,
-               dtype: Any = None) -> dict[str, Array]:
-  """An empty cache: k, v [L, B, S, Hkv, Dh] zeros and valid [B, S] False (S = max_len)."""
+               dtype: Any = None, per_layer: bool = False) -> dict[str, Any]:
+  """An empty cache: k, v [L, B, Hkv, S, Dh] zeros and valid [B, S] False (S = max_len).
+
+  `per_layer=True` makes k and v tuples of L [B, Hkv, S, Dh] buffers (for
+  `scan_layers=False` only; see the module docstring).
+  """
   c = config
-  shape = (c.num_layers, batch, max_len or c.max_len, c.num_kv_heads, c.head_dim)
+  shape = (c.num_layers, batch, c.num_kv_heads, max_len or c.max_len, c.head_dim)
   dtype = dtype or c.compute_dtype
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "valid": jnp.zeros(shape[1:3], bool)}
+  def zeros():
+    if per_layer:
+      return tuple(jnp.zeros(shape[1:], dtype) for _ in range(c.num_layers))
+    return jnp.zeros(shape, dtype)
+  return {"k": zeros(), "v": zeros(), "valid": jnp.zeros((batch, shape[3]), bool)}
 
 
 class Transformer(nn.Module):
@@ -483,18 +532,19 @@ class Transformer(nn.Module):
         mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     else:
       layer_caches = {"k": cache["k"], "v": cache["v"]}
+      if c.scan_layers and isinstance(cache["k"], tuple):
+        raise ValueError("a per-layer cache (tuples of buffers) needs scan_layers=False")
       write_slots, valid, mask = _cache_mask(cache["valid"], positions, segment_ids)
 
     block = _block_class(c)
     if c.scan_layers:
-      x, new_caches = block(c, name="layers")(x, rope, mask, layer_caches, write_slots)
+      carry = (x, layer_caches, jnp.zeros((), jnp.int32))
+      (x, new_caches, _), _ = block(c, name="layers")(carry, rope, mask, write_slots)
     else:
-      per_layer = []
+      carry = (x, layer_caches, 0)  # a static layer index: static slices of the cache
       for i in range(c.num_layers):
-        layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], layer_caches)
-        x, new_cache = block(c, name=f"layers_{i}")(x, rope, mask, layer_cache, write_slots)
-        per_layer.append(new_cache)
-      new_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+        carry, _ = block(c, name=f"layers_{i}")(carry, rope, mask, write_slots)
+      x, new_caches, _ = carry
 
     hidden = RMSNorm(c.norm_eps, c.compute_dtype, name="final_norm")(x)
     out = ModelOutput(hidden=hidden)
@@ -518,8 +568,8 @@ def _cache_mask(valid: Array, positions: Array, segment_ids: Array | None):
   real = real & (positions >= 0) & (positions < num_slots)
   # Out-of-bounds slots are dropped by the scatter: padding never overwrites a real entry.
   write_slots = jnp.where(real, positions, num_slots)
-  rows = jnp.arange(valid.shape[0])[:, None]
-  valid = valid.at[rows, write_slots].set(True, mode="drop")
+  # Vmapped over rows (a batching dimension of the scatter: shard-local on a batch-split mesh).
+  valid = jax.vmap(lambda row, slots: row.at[slots].set(True, mode="drop"))(valid, write_slots)
   slots = jnp.arange(num_slots)
   mask = valid[:, None, None, :] & (slots <= positions[:, None, :, None])
   mask &= real[:, None, :, None]

@@ -100,3 +100,11 @@ def tiny_dpo_run(tmp_path_factory, data_cache, tiny_sft_run):
   """(workdir, CompletedProcess) of a finished `:tiny` DPO run from `tiny_sft_run`."""
   workdir = tmp_path_factory.mktemp("dpo") / "run"
   return workdir, run_stage("dpo", workdir, data_cache, f"--config.init_from={tiny_sft_run[0]}")
+
+
+@pytest.fixture(scope="session")
+def tiny_ppo_run(tmp_path_factory, data_cache, tiny_sft_run, tiny_reward_run):
+  """(workdir, CompletedProcess) of a finished `:tiny` PPO run from the tiny SFT and reward runs."""
+  workdir = tmp_path_factory.mktemp("ppo") / "run"
+  return workdir, run_stage("ppo", workdir, data_cache, f"--config.init_from={tiny_sft_run[0]}",
+                            f"--config.reward_from={tiny_reward_run[0]}")

@@ -13,7 +13,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGE_PRESETS = {"pretrain": ("tiny", "cpu", "nanogpt_cpu", "gpt2_124m", "1b"),
                  "sft": ("tiny", "cpu", "gpt2_124m", "1b"),
                  "reward": ("tiny", "cpu", "gpt2_124m", "1b"),
-                 "dpo": ("tiny", "cpu", "gpt2_124m", "1b")}
+                 "dpo": ("tiny", "cpu", "gpt2_124m", "1b"),
+                 "ppo": ("tiny", "cpu", "gpt2_124m", "1b")}
 
 
 def model_config(preset: str) -> model_lib.ModelConfig:
@@ -29,7 +30,10 @@ def test_stage_config_builds(stage, preset):
   fields = dict(config.model)
   fields["attention_impl"] = fields["attention_impl"] or None
   model_lib.ModelConfig(**fields)  # Validates the shape.
-  assert config.batch_size % config.num_microbatches == 0
+  if stage == "ppo":
+    assert config.rollout_batch % config.ppo.num_minibatches == 0
+  else:
+    assert config.batch_size % config.num_microbatches == 0
 
 
 def test_every_stage_config_is_tested():

@@ -133,3 +133,29 @@ def test_a_tiny_reward_run_writes_a_complete_run_directory(tiny_reward_run, tiny
     assert key in final, key
   stats = json.loads((workdir / "reward_stats.json").read_text())
   assert stats["num_samples"] > 0 and stats["std"] > 0 and np.isfinite(stats["mean"])
+
+
+def test_score_tool_scores_pairs_and_names_bad_lines(tiny_reward_run, tmp_path):
+  import subprocess
+  import sys
+
+  from conftest import ROOT
+
+  workdir, _ = tiny_reward_run
+  good = tmp_path / "pairs.jsonl"
+  good.write_text(json.dumps({"prompt": "What is the capital of France?", "response": "Paris.", "id": 1}) + "\n"
+                  + json.dumps({"prompt": [{"role": "user", "content": "What's 2 + 2?"}], "response": "4"}) + "\n")
+  out = tmp_path / "scored.jsonl"
+  result = subprocess.run([sys.executable, "tools/score.py", f"--workdir={workdir}", f"--input={good}",
+                           f"--output={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert len(rows) == 2 and rows[0]["id"] == 1
+  assert all(np.isfinite(r["reward"]) and "reward_normalized" in r for r in rows)
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text(json.dumps({"prompt": "hi"}) + "\n")
+  result = subprocess.run([sys.executable, "tools/score.py", f"--workdir={workdir}", f"--input={bad}",
+                           f"--output={tmp_path / 'x.jsonl'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 1 and f"{bad}:1" in result.stderr and "'response'" in result.stderr
+  assert not (tmp_path / "x.jsonl").exists()

@@ -1,0 +1,313 @@
+r"""Stage 4a: RLHF with PPO: rollouts, reward model, KL penalty to the SFT model, GAE, clipped updates.
+
+  python -m experiments.ppo --config=configs/ppo.py:cpu --workdir=runs/ppo \
+      --config.init_from=runs/sft --config.reward_from=runs/reward
+  python -m experiments.ppo --config=configs/ppo.py:tiny --workdir=/tmp/ppo \
+      --config.init_from=/tmp/sft --config.reward_from=/tmp/rm
+
+Each iteration (`jaxlm/ppo.py` has the math): draw `rollout_batch` prompts; sample one reply each
+with the KV-cache sampler at temperature 1 (exact log-probs); score policy, reference and value
+teacher-forced in one jitted call and the reply with the reward model at its last token,
+normalised by the reward run's statistics, minus a penalty if the reply never ends its turn;
+per-token KL penalty; GAE; whitened advantages; `ppo_epochs` x `num_minibatches` clipped updates
+of policy and value model. The KL coefficient is fixed or adaptive.
+
+Diagnostics every iteration (metrics.jsonl): reward (model, raw and normalised) and, on the
+world, gold reward; KL per reply; entropy; clip fraction; approximate KL; value explained
+variance; reply length; end-of-turn rate; the largest gap between the sampler's and the
+trainer's log-probs; the KL coefficient; and the time split into generation, scoring and
+training with rollout tokens/s. Alarms stop (or flag) the run when the mean KL goes negative or
+blows up. Evaluation every `eval_every` iterations is the one DPO uses (`jaxlm/policy_eval.py`).
+
+The checkpoint holds policy, value model, both optimizer states, the KL coefficient, the rng
+and the prompt iterator: rerunning the command resumes exactly; SIGTERM saves and exits 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
+
+from jaxlm import checkpoint
+from jaxlm import kl_control
+from jaxlm import metrics as metrics_lib
+from jaxlm import model as model_lib
+from jaxlm import policy_eval
+from jaxlm import ppo as ppo_lib
+from jaxlm import preemption
+from jaxlm import sampling
+from jaxlm import sharding
+from jaxlm import stage
+from jaxlm import trainer
+from jaxlm import training
+from jaxlm.data import pipelines
+from jaxlm.data import world_reward
+from jaxlm.tokenizer import END_OF_TURN_ID, EOS_ID
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+STATS_FILE = "reward_stats.json"  # written by experiments/reward.py
+
+
+def check_config(config) -> None:
+  """Catches settings that would silently misbehave."""
+  if not config.init_from:
+    raise ValueError("config.init_from is required: the SFT run directory (--config.init_from=runs/sft)")
+  if not config.reward_from:
+    raise ValueError("config.reward_from is required: a reward-model run directory, or 'gold' for the "
+                     "world's gold reward as an oracle")
+  if config.value_from not in ("reward", "sft"):
+    raise ValueError(f"config.value_from must be reward or sft, got {config.value_from!r}")
+  if config.value_from == "reward" and config.reward_from == "gold":
+    raise ValueError("config.value_from=reward needs a reward model; with reward_from=gold use value_from=sft")
+  if config.rollout_batch % config.ppo.num_minibatches:
+    raise ValueError(f"config.rollout_batch={config.rollout_batch} must split into "
+                     f"config.ppo.num_minibatches={config.ppo.num_minibatches}")
+  if config.max_prompt_len + config.max_new_tokens > config.model.max_len:
+    raise ValueError(f"max_prompt_len + max_new_tokens = {config.max_prompt_len + config.max_new_tokens} "
+                     f"exceeds config.model.max_len={config.model.max_len}")
+  if config.alarms.action not in ("stop", "flag"):
+    raise ValueError(f"config.alarms.action must be stop or flag, got {config.alarms.action!r}")
+
+
+def reward_statistics(config) -> tuple[float, float]:
+  """(mean, std) to normalise reward-model scores with: the reward run's reward_stats.json."""
+  if config.reward_from == "gold" or not config.reward.normalize:
+    return 0.0, 1.0
+  path = os.path.join(config.reward_from, STATS_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: the reward run did not finish (it writes its statistics "
+                            "last), or set --config.reward.normalize=false")
+  stats = json.loads(open(path).read())
+  return float(stats["mean"]), max(float(stats["std"]), 1e-6)
+
+
+def kl_controller(config, coef: float):
+  """The configured KL controller, at coefficient `coef` (the checkpointed one on resume)."""
+  if config.kl.adaptive:
+    return kl_control.AdaptiveKLController(init_coef=config.kl.coef, target=config.kl.target,
+                                           horizon=config.kl.horizon, coef=coef)
+  return kl_control.FixedKLController(coef=coef)
+
+
+def gold_rewards(records, texts, ended) -> np.ndarray:
+  """The world's gold reward of each reply (NaN where the prompt has no world task)."""
+  return np.asarray([world_reward.gold_reward(r, t, ended_turn=bool(e)) if policy_eval.has_gold_reward(r)
+                     else np.nan for r, t, e in zip(records, texts, ended)], np.float64)
+
+
+def main(argv) -> None:
+  del argv
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  check_config(config)
+  stage.quiet_library_logs()
+  session_start = time.perf_counter()
+  ppo = ppo_lib.PPOConfig(**dict(config.ppo))
+
+  # ----------------------------------------------------------------------------------------------
+  # Mesh, run directory, the parent's tokenizer and shape.
+  # ----------------------------------------------------------------------------------------------
+  mesh = stage.setup_mesh(config.mesh)
+  rules = sharding.DEFAULT_RULES
+  run = stage.open_run(config, workdir)
+  tok = stage.child_tokenizer(config, run)
+  model_config = stage.model_config(config.model, vocab_size=tok.vocab_size)
+
+  # ----------------------------------------------------------------------------------------------
+  # Roles: reference (SFT), reward model, policy and value model with their optimizers.
+  # ----------------------------------------------------------------------------------------------
+  policy_init = functools.partial(model_lib.init_params, model_config)
+  value_init = functools.partial(model_lib.init_params, model_config, scalar_head=True)
+  policy_abstract = training.abstract_train_state(policy_init, _tx(config.policy_optimizer, config, policy_init), mesh, rules)
+  place = lambda tree, like: jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), tree, like)
+  sft = checkpoint.load_parent(config.init_from, expect_tokenizer_hash=tok.content_hash,
+                               expect_model_config=model_config)
+  reference_params = place(sft.params, policy_abstract.params)  # Forward-only, sharded like the policy.
+  reward_params = None
+  if config.reward_from != "gold":
+    reward_run = checkpoint.load_parent(config.reward_from, expect_tokenizer_hash=tok.content_hash,
+                                        expect_model_config=model_config)
+    if reward_run.manifest.get("stage") != "reward":
+      raise ValueError(f"config.reward_from={config.reward_from!r} is a {reward_run.manifest.get('stage')!r} "
+                       "run, not a reward model")
+    value_abstract_params = training.abstract_train_state(
+        value_init, _tx(config.value_optimizer, config, value_init), mesh, rules).params
+    reward_params = place(reward_run.params, value_abstract_params)
+  reward_mean, reward_std = reward_statistics(config)
+
+  policy_tx, value_tx = _tx(config.policy_optimizer, config, policy_init), _tx(config.value_optimizer, config, value_init)
+  abstract_state = ppo_lib.combine_states(
+      training.abstract_train_state(policy_init, policy_tx, mesh, rules),
+      training.abstract_train_state(value_init, value_tx, mesh, rules),
+      jax.ShapeDtypeStruct((), jnp.float32, sharding=policy_abstract.step.sharding))
+  state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
+
+  def init() -> ppo_lib.PPOState:
+    policy, _ = training.create_train_state(policy_init, policy_tx, jax.random.key(config.seed), mesh, rules)
+    value, _ = training.create_train_state(value_init, value_tx, jax.random.key(config.seed + 1), mesh, rules)
+    if config.value_from == "reward":
+      value_params = jax.tree.map(jnp.copy, reward_params)
+    else:  # The SFT backbone with the fresh (zero) scalar head of `value_init`.
+      value_params = {**place(sft.params, value.params), "scalar_head": value.params["scalar_head"]}
+    logging.info("policy and reference from %s; value model from %s", sft.workdir,
+                 config.reward_from if config.value_from == "reward" else "the SFT backbone + a fresh head")
+    return ppo_lib.combine_states(policy.replace(params=jax.tree.map(jnp.copy, reference_params)),
+                                  value.replace(params=value_params), config.kl.coef)
+
+  # ----------------------------------------------------------------------------------------------
+  # Data: training prompts (resumable), held-out prompts for the shared evaluation.
+  # ----------------------------------------------------------------------------------------------
+  prompt_source = stage.open_split(config, "prompt", "train")
+  host_batch = stage.per_host_batch_size(config.rollout_batch)
+  prompt_iter = iter(pipelines.prompts_dataset(prompt_source, tok, max_prompt_len=config.max_prompt_len,
+                                               batch_size=host_batch, seed=config.seed,
+                                               shard=pipelines.HostShard.from_jax(),
+                                               num_threads=config.data.num_threads))
+  ckpt = checkpoint.Checkpointer(run.workdir, max_to_keep=config.keep_checkpoints)
+  state = trainer.restore_or_init(ckpt, abstract_state=abstract_state, train_iter=prompt_iter, init=init, run=run)
+  run.write_manifest(stage=config.stage, parent=config.init_from, config=config, tokenizer_hash=tok.content_hash,
+                     data_source=prompt_source.description, model_config=model_config,
+                     extra={"num_params": model_lib.num_params(model_config), "reward_from": config.reward_from,
+                            "value_from": config.value_from, "role_memory_bytes": ppo_lib.role_memory(model_config)})
+  evaluator = policy_eval.PolicyEvaluator(
+      reference_params, model_config, tok, stage.eval_prompts(config), max_new_tokens=config.eval.max_new_tokens,
+      rng=jax.random.key(config.seed), sampling=sampling.SamplingConfig(temperature=config.eval.temperature),
+      judge=stage.eval_judge(config, tok), batch_size=config.eval.batch_size)
+  if "reference_well_formed" not in run.read_manifest().get("final_metrics", {}):
+    run.update_manifest(final_metrics={f"reference_{k}": v for k, v in evaluator.reference_metrics().items()})
+
+  scorer = ppo_lib.make_scorer(model_config, model_config if reward_params is not None else None, ppo)
+  update = ppo_lib.make_update(model_config, ppo, policy_tx, value_tx, state_shardings=state_shardings,
+                               mesh=mesh, rules=rules)
+  writer = metrics_lib.MetricWriter(run.workdir)
+  writer.resume(int(state.step))
+
+  def run_eval(state, iteration: int) -> dict[str, float]:
+    result, rows = evaluator(state.params)
+    result = {f"eval_{k}": v for k, v in result.items()}
+    trainer.log_eval(writer, iteration, result)
+    writer.write_samples(iteration, rows[: config.eval.num_samples])
+    return result
+
+  def one_iteration(state, iteration: int):
+    """Rollout, scoring, advantages, update: (new state, metrics) with the time split."""
+    prompts = next(prompt_iter)
+    records = [prompt_source[int(i)] for i in prompts["record_index"]]
+    times = {}
+    start = time.perf_counter()
+    rollout = ppo_lib.collect_rollout(
+        state.params, prompts["prompt_tokens"], prompts["prompt_lengths"],
+        jax.random.fold_in(jax.random.key(config.seed), iteration), config=model_config, ppo=ppo,
+        max_new_tokens=config.max_new_tokens, stop_ids=(END_OF_TURN_ID, EOS_ID), mesh=mesh)
+    response_tokens, lengths = jax.device_get((rollout["response_tokens"], rollout["response_lengths"]))
+    times["time_generate"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    scored = scorer(state.params, reference_params, state.value.params, reward_params, rollout)
+    parsed = [policy_eval.reply_from_ids(tok, response_tokens[b, : lengths[b]]) for b in range(len(lengths))]
+    texts, ended = [t for t, _ in parsed], np.asarray([e for _, e in parsed])
+    gold = gold_rewards(records, texts, ended)
+    if reward_params is not None:
+      raw = np.asarray(jax.device_get(scored["score"]), np.float64)
+      score = (raw - reward_mean) / reward_std
+    else:
+      raw = score = np.nan_to_num(gold)
+    score = score - config.reward.no_end_penalty * (~ended)
+    advantage = ppo_lib.advantages(scored=scored, score=jnp.asarray(score, jnp.float32), mask=rollout["mask"],
+                                   response_lengths=rollout["response_lengths"], kl_coef=state.kl_coef, ppo=ppo)
+    diagnostics = ppo_lib.rollout_diagnostics(rollout, scored, advantage)
+    jax.block_until_ready(advantage)
+    times["time_score"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    state, update_metrics = update(state, ppo_lib.update_batch(rollout, scored, advantage))
+    update_metrics = jax.device_get(update_metrics)
+    times["time_train"] = time.perf_counter() - start
+    metrics = {k: float(v) for k, v in {**jax.device_get(diagnostics), **update_metrics}.items()}
+    metrics.update(times, reward=float(np.mean(raw)), reward_normalized=float(np.mean(score)),
+                   end_rate=float(ended.mean()), kl_coef=float(state.kl_coef),
+                   rollout_tokens_per_s=float(lengths.sum() / max(times["time_generate"], 1e-9)))
+    if np.isfinite(gold).any():
+      metrics["gold_reward"] = float(np.nanmean(gold))
+    return state, metrics
+
+  # ----------------------------------------------------------------------------------------------
+  # The iteration loop: log every iteration, evaluate, checkpoint, obey alarms and preemption.
+  # ----------------------------------------------------------------------------------------------
+  controller = kl_controller(config, float(state.kl_coef))
+  iteration = int(state.step)
+  last_saved = ckpt.latest_step()
+
+  def save(step: int) -> None:
+    if not checkpoint.all_finite(state.params) or not checkpoint.all_finite(state.value.params):
+      raise FloatingPointError(f"parameters are not finite at iteration {step}; the last good checkpoint "
+                               f"(iteration {ckpt.latest_step()}) is kept")
+    ckpt.save(step, state, data_state=prompt_iter.get_state())
+    run.update_manifest(wall_time_s=time.perf_counter() - session_start)
+
+  with preemption.PreemptionGuard() as guard:
+    while iteration < config.total_steps:
+      state, metrics = one_iteration(state, iteration)
+      iteration += 1
+      controller = controller.update(metrics["kl"], n_steps=config.rollout_batch)
+      state = state.replace(kl_coef=jax.device_put(jnp.asarray(controller.coef, jnp.float32),
+                                                   state.kl_coef.sharding))
+      alarm = ppo_lib.kl_alarm(metrics["kl"], min_kl=config.alarms.min_kl, max_kl=config.alarms.max_kl)
+      metrics["alarm"] = float(alarm is not None)
+      metrics_lib.check_finite(metrics, first_step=iteration, last_step=iteration,
+                               checkpoint=None if last_saved is None else os.path.join(ckpt.directory, str(last_saved)))
+      writer.write(iteration, metrics)
+      if iteration % config.log_every == 0 or iteration == config.total_steps:
+        logging.info("iteration %d/%d: %s", iteration, config.total_steps, ppo_lib.format_metrics(metrics))
+      if alarm is not None:
+        logging.warning("alarm at iteration %d: %s", iteration, alarm)
+        if config.alarms.action == "stop":
+          ckpt.close()
+          writer.close()
+          raise SystemExit(f"stopped by the KL alarm at iteration {iteration}: {alarm}; the last good "
+                           f"checkpoint (iteration {ckpt.latest_step()}) is kept")
+      if iteration % config.eval_every == 0 and iteration < config.total_steps:
+        run_eval(state, iteration)
+      if iteration % config.checkpoint_every == 0 or iteration == config.total_steps:
+        save(iteration)
+        last_saved = iteration
+      if preemption.should_stop(guard):
+        if last_saved != iteration:
+          save(iteration)
+        ckpt.close()
+        writer.close()
+        logging.info("preempted at iteration %d: checkpoint saved, exiting", iteration)
+        sys.exit(0)
+
+  final = run_eval(state, iteration)
+  final = {k.removeprefix("eval_"): v for k, v in final.items()}
+  final["steps"] = iteration
+  ckpt.close()
+  writer.close()
+  run.update_manifest(final_metrics=final, wall_time_s=time.perf_counter() - session_start, complete=True)
+  logging.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()})
+
+
+def _tx(section, config, init_fn):
+  """AdamW of an optimizer section over `config.total_steps` PPO iterations' worth of updates."""
+  updates = config.total_steps * config.ppo.ppo_epochs * config.ppo.num_minibatches
+  abstract_params = jax.eval_shape(lambda: sharding.unbox(init_fn(jax.random.key(0))))
+  tx, _ = training.make_optimizer(**section, total_steps=updates, params=abstract_params)
+  return tx
+
+
+if __name__ == "__main__":
+  app.run(main)
