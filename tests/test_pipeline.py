@@ -19,15 +19,16 @@ sys.path.insert(0, str(ROOT))  # `experiments` is not installed: import it from 
 from experiments import pipeline  # noqa: E402
 
 # Few steps and small evaluations: the stages must only prove they chain, resume and report.
+# Few steps; every shape (batch, lengths, eval sizes) stays the `:tiny` preset's, so the programs
+# compiled for the session's stage fixtures are found in the persistent compilation cache.
 OVERRIDES = {
-    "pretrain": "total_steps=20 log_every=5 eval_every=10 checkpoint_every=10 num_probes=4 num_samples=2 "
+    "pretrain": "total_steps=20 log_every=5 eval_every=10 checkpoint_every=10 num_probes=4 num_samples=1 "
                 "sample_len=8",
     # SFT checkpoints at 5 and runs on to 20: time to kill it after its first checkpoint.
-    "sft": "total_steps=20 log_every=5 eval_every=10 checkpoint_every=5 eval.num_prompts=4 eval.max_new_tokens=8",
-    "reward": "total_steps=10 log_every=5 eval_every=10 checkpoint_every=10 stats.num_prompts=4 "
-              "stats.max_new_tokens=8",
-    "dpo": "total_steps=10 log_every=5 eval_every=10 checkpoint_every=10 eval.num_prompts=4 eval.max_new_tokens=8",
-    "ppo": "total_steps=2 eval_every=2 checkpoint_every=2 rollout_batch=4 eval.num_prompts=4 eval.max_new_tokens=8",
+    "sft": "total_steps=20 log_every=5 eval_every=10 checkpoint_every=5",
+    "reward": "total_steps=10 log_every=5 eval_every=10 checkpoint_every=10",
+    "dpo": "total_steps=10 log_every=5 eval_every=10 checkpoint_every=10",
+    "ppo": "total_steps=2 eval_every=2 checkpoint_every=2",
 }
 PARENTS = {"sft": ("pretrain",), "reward": ("sft",), "dpo": ("sft",), "ppo": ("sft",)}
 
