@@ -149,22 +149,6 @@ def plan(stages: list[str], workdir: str) -> list[tuple[str, str]]:
   return actions
 
 
-def stage_environment(environ) -> dict[str, str]:
-  """The stages' environment: unbuffered output, and on CPU one JAX device per core.
-
-  XLA:CPU runs each op of a small model on one thread, so one CPU device uses about one core;
-  splitting the host into one device per core lets the stages' default mesh (`data=-1`) train
-  data-parallel on all of them (+24% tokens/s for `:cpu` pretraining on 2 cores, measured with
-  `tools/bench.py`). Accelerator runs are unaffected (the flag only shapes the host platform),
-  and a device count already in XLA_FLAGS is kept.
-  """
-  env = dict(environ, PYTHONUNBUFFERED="1")  # Lines as they are printed, not at exit.
-  flags = env.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" not in flags:
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={os.cpu_count() or 1}".strip()
-  return env
-
-
 def stage_command(stage: str, workdir: str, preset: str, overrides: list[str]) -> list[str]:
   """The stage's command line: config preset, run directory, parents, then the user's overrides."""
   parents = [f"--config.{key}={stage_dir(workdir, parent)}" for key, parent in PARENTS[stage].items()]
@@ -236,7 +220,7 @@ class Forwarder:
 
 def run_process(command: list[str], *, prefix: str, forwarder: Forwarder, on_start) -> int:
   """Runs `command` from the repository root, streaming its output with `prefix`; its exit code."""
-  env = stage_environment(os.environ)
+  env = dict(os.environ, PYTHONUNBUFFERED="1")  # Lines as they are printed, not at exit.
   parent = os.getpid()
   proc = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
