@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -471,13 +472,23 @@ def test_load_parent_needs_a_params_entry(tmp_path, world_tokenizer):
 
 def test_preemption_guard_turns_signals_into_a_flag_and_restores_handlers():
   before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  def wait(condition=lambda: False, seconds=5.0):
+    # The kernel may hand a process-directed signal to another thread (JAX, grain), so the
+    # Python handler can run a moment after os.kill returns: wait for it, do not assume it.
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+      time.sleep(0.001)
+
   with preemption.PreemptionGuard() as guard:
     assert not guard.requested and not preemption.should_stop(guard)
     os.kill(os.getpid(), signal.SIGTERM)
+    wait(lambda: guard.requested)
     assert guard.requested and preemption.should_stop(guard)
     os.kill(os.getpid(), signal.SIGINT)  # the first SIGINT is a request too
+    wait(seconds=0.2)
     with pytest.raises(KeyboardInterrupt):  # the second goes to Python's own handler
       os.kill(os.getpid(), signal.SIGINT)
+      wait()
   assert {s: signal.getsignal(s) for s in before} == before
 
 
