@@ -75,15 +75,15 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.seq_len = 64
     c.batch_size = 8
     c.steps_per_call = 1
-    c.total_steps = 60
+    c.total_steps = 40
     c.optimizer.warmup_steps = 10
     c.log_every = 10
-    c.eval_every = 30
+    c.eval_every = 20
     c.num_eval_batches = 2
-    c.checkpoint_every = 30
-    c.num_samples = 2
-    c.sample_len = 16
-    c.num_probes = 20
+    c.checkpoint_every = 10
+    c.num_samples = 1
+    c.sample_len = 8
+    c.num_probes = 4
   elif preset == "nanogpt_cpu":
     # nanoGPT's vocabulary: the corpus's characters (65 for Tiny Shakespeare) + our 8 specials,
     # without 256 byte-fallback pieces, so the softmax is over the same alphabet.

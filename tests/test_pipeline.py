@@ -1,41 +1,22 @@
-"""experiments/pipeline.py: the plan and the command lines in process; then the whole pipeline on
-the `:tiny` presets as a user runs it, killed with SIGKILL half-way through SFT and re-run: the
-finished stage is not redone, the killed one resumes, every run directory, parent link and report
-file is there."""
+"""experiments/pipeline.py: the plan and the command lines in process; then the session's whole
+pipeline on the `:tiny` presets as a user runs it (`conftest.tiny_pipeline`), killed with SIGKILL
+half-way through SFT and re-run: the finished stage is not redone, the killed one resumes, every
+run directory, parent link and report file is there."""
 
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
-from conftest import ROOT, stage_environment
+from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))  # `experiments` is not installed: import it from the checkout.
 from experiments import pipeline  # noqa: E402
 
-# Few steps and small evaluations: the stages must only prove they chain, resume and report.
-# Few steps; every shape (batch, lengths, eval sizes) stays the `:tiny` preset's, so the programs
-# compiled for the session's stage fixtures are found in the persistent compilation cache.
-OVERRIDES = {
-    "pretrain": "total_steps=20 log_every=5 eval_every=10 checkpoint_every=10 num_probes=4 num_samples=1 "
-                "sample_len=8",
-    # SFT checkpoints at 5 and runs on to 20: time to kill it after its first checkpoint.
-    "sft": "total_steps=20 log_every=5 eval_every=10 checkpoint_every=5",
-    "reward": "total_steps=10 log_every=5 eval_every=10 checkpoint_every=10",
-    "dpo": "total_steps=10 log_every=5 eval_every=10 checkpoint_every=10",
-    "ppo": "total_steps=2 eval_every=2 checkpoint_every=2",
-}
 PARENTS = {"sft": ("pretrain",), "reward": ("sft",), "dpo": ("sft",), "ppo": ("sft",)}
-
-
-def pipeline_command(workdir, *extra):
-  overrides = [f"--override={stage}.{item}" for stage, items in OVERRIDES.items() for item in items.split()]
-  return [sys.executable, "-m", "experiments.pipeline", f"--workdir={workdir}", "--preset=tiny", *overrides, *extra]
 
 
 def read_json(path):
@@ -105,57 +86,17 @@ def test_a_stage_process_streams_with_its_prefix_and_gets_the_signal(capsys):
   assert pipeline.run_process(failing, prefix="", forwarder=forwarder, on_start=pids.append) == 3
 
 
-def wait_for_checkpoint(proc, directory, timeout=600):
-  """Waits until `directory` holds a committed orbax step (a directory named by its step)."""
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    assert proc.poll() is None, "the pipeline ended before the stage saved a checkpoint"
-    if os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory)):
-      return
-    time.sleep(0.05)
-  raise TimeoutError(f"no checkpoint in {directory} after {timeout}s")
-
-
-def wait_until_gone(pid, timeout=30):
-  """The killed pipeline's stage dies with it (PR_SET_PDEATHSIG): wait for that (zombies count)."""
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    try:
-      with open(f"/proc/{pid}/stat") as f:
-        if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-          return
-    except (FileNotFoundError, ProcessLookupError):
-      return
-    time.sleep(0.05)
-  raise TimeoutError(f"stage process {pid} outlived the killed pipeline")
-
-
-@pytest.mark.slow
-def test_the_pipeline_survives_a_kill_and_completes_every_stage(tmp_path, data_cache):
-  workdir = tmp_path / "demo"
-  env = stage_environment(data_cache)
-  log_path = tmp_path / "first.log"
-  with open(log_path, "w") as log:
-    proc = subprocess.Popen(pipeline_command(workdir), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-      wait_for_checkpoint(proc, workdir / "sft" / "checkpoints")
-      proc.send_signal(signal.SIGKILL)  # No chance to save: like a machine that dies.
-      proc.wait(timeout=30)
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-  wait_until_gone(read_json(workdir / "pipeline.json")["stages"]["sft"]["pid"])
+def test_the_pipeline_survives_a_kill_and_completes_every_stage(tiny_pipeline):
+  # The session's pipeline (conftest.tiny_pipeline) was SIGKILLed after SFT's first checkpoint,
+  # then re-run: the stage died with it, and the re-run finished the job.
+  workdir, out = tiny_pipeline.workdir, tiny_pipeline.rerun_log
+  assert "[pipeline] sft: python -m experiments.sft" in tiny_pipeline.killed_log
+  assert "[pipeline] reward:" not in tiny_pipeline.killed_log  # Killed during SFT, not after it.
   pretrain_manifest = workdir / "pretrain" / "manifest.json"
-  assert read_json(pretrain_manifest)["complete"] and not read_json(workdir / "sft" / "manifest.json")["complete"]
-  pretrain_mtime = os.stat(pretrain_manifest).st_mtime_ns
-
-  result = subprocess.run(pipeline_command(workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-  out = result.stdout
-  assert result.returncode == 0, f"{log_path.read_text()[-3000:]}\n---\n{out[-6000:]}"
   # Not redone: pretraining is skipped untouched; SFT resumed from its checkpoint, in a second session.
   assert f"[pipeline] pretrain: complete ({workdir}/pretrain), skipping" in out
   assert "[pretrain]" not in out
-  assert os.stat(pretrain_manifest).st_mtime_ns == pretrain_mtime
+  assert os.stat(pretrain_manifest).st_mtime_ns == tiny_pipeline.pretrain_mtime_ns
   assert read_json(pretrain_manifest)["sessions"] == 1
   assert f"resumed {workdir}/sft at step" in out
   assert read_json(workdir / "sft" / "manifest.json")["sessions"] == 2

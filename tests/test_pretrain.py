@@ -1,6 +1,6 @@
 """experiments.pretrain end to end, as a user runs it: a subprocess on the real `:tiny` config.
 
-One uninterrupted run is shared by the tests; the kill/resume test must end with exactly its
+The session pipeline's stage-1 run (conftest.tiny_pipeline, uninterrupted) is shared by the tests; the kill/resume test must end with exactly its
 parameters (bitwise: XLA on CPU is deterministic, and so are the data pipeline and the rng).
 """
 
@@ -15,11 +15,11 @@ import pytest
 
 from jaxlm import checkpoint
 
-from conftest import PRETRAIN_OVERRIDES, PRETRAIN_STEPS as STEPS, ROOT, stage_command, stage_environment
+from conftest import PRETRAIN_STEPS as STEPS, ROOT, stage_command, stage_environment
 
 
 def command(workdir, *extra):
-  return stage_command("pretrain", workdir, *PRETRAIN_OVERRIDES, *extra)
+  return stage_command("pretrain", workdir, *extra)
 
 
 def environment(cache_dir):
@@ -36,7 +36,7 @@ def final_params(workdir):
 
 
 def test_a_tiny_run_writes_a_complete_run_directory(finished_run):
-  workdir, result = finished_run
+  workdir, log = finished_run
   for name in ("config.json", "manifest.json", "tokenizer.model", "metrics.jsonl", "samples.jsonl"):
     assert (workdir / name).is_file(), name
   assert list(workdir.glob("events.out.tfevents.*")), "no TensorBoard events"
@@ -50,7 +50,7 @@ def test_a_tiny_run_writes_a_complete_run_directory(finished_run):
   assert [r["step"] for r in train_rows] == [10, 20, 30, 40]
   assert train_rows[-1]["loss"] < train_rows[0]["loss"]  # It learns.
   assert checkpoint.Checkpointer(workdir).all_steps() == [30, 40]  # keep_checkpoints=2
-  assert "step 40/40" in result.stdout
+  assert "step 40/40" in log
 
 
 def test_killed_run_resumes_to_the_same_parameters(finished_run, tmp_path, data_cache):
