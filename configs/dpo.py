@@ -60,7 +60,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.mesh = common.mesh_config()
 
   c.log_every = 20
-  c.eval_every = 50
+  c.eval_every = 100              # generation evals are the slow part: the reference's and the final one
   c.num_eval_batches = 16         # held-out pairs: loss and implicit-reward accuracy
   c.checkpoint_every = 50
   c.keep_checkpoints = 2

@@ -36,14 +36,18 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   # The parent's shape; every field must equal the parent's (a mismatch is a clear error).
   c.model = common.model_config("cpu")
 
-  c.seq_len = 256                 # tokens per packed row; a longer conversation is truncated
+  # Tokens per packed row; a longer conversation is truncated. World chats: mean 60 tokens, 93%
+  # fit in 128. Against 256 x 16 rows (the same tokens per step), 128 x 32 trains 12% faster
+  # (less attention across packed neighbours) and sampled better: well-formed 85% vs 80%, gold
+  # reward -0.24 vs -0.50 after 160 steps.
+  c.seq_len = 128
   c.packing = True                # first-fit pack whole conversations: few pad positions
   c.length_policy = "truncate"    # truncate | drop conversations longer than seq_len
-  c.batch_size = 16
+  c.batch_size = 32
   c.num_microbatches = 1
   c.steps_per_call = 10
-  # ~1 pass over the world's 18k training chats (~7 per packed row). Held-out loss is lowest
-  # here; 300 steps overfit (0.669 at 150 steps, 0.694 at 300).
+  # ~1 pass over the world's 18k training chats (~2 per packed row). Held-out loss was lowest
+  # here at seq_len 256; 300 steps overfit (0.669 at 150 steps, 0.694 at 300).
   c.total_steps = 160
 
   # A third of stage 1's peak: adapt, do not forget the facts; no decay towards zero.

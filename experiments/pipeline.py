@@ -23,6 +23,10 @@ interrupted one from its latest checkpoint (a trainer resumes by itself in the s
 Asking for a stage whose parent is neither complete nor part of the run is an error before
 anything runs. A failing stage stops the pipeline, naming the stage and its exit code.
 
+The stages share a persistent XLA compilation cache in DIR/xla_cache (`--compilation_cache`): a
+later stage loads the programs an earlier one compiled at the same shapes (the sampler, the
+log-prob forward) instead of compiling them again.
+
 DIR/pipeline.json records, per stage: status, command, overrides, pipeline sessions and wall
 time (process start-up and compilation included, summed over the sessions that ended; a killed
 session's time is lost); the trainer's own time is its manifest's `wall_time_s`. At the end
@@ -113,6 +117,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--override", action="append", default=[], metavar="STAGE.KEY=VALUE",
                       help="A config override for one stage, e.g. dpo.loss.beta=0.2 (repeatable).")
   parser.add_argument("--no_report", action="store_true", help="Do not rebuild report.md at the end.")
+  parser.add_argument("--compilation_cache", default=None, metavar="PATH",
+                      help="Persistent XLA compilation cache shared by the stages (default: "
+                           "$JAX_COMPILATION_CACHE_DIR if set, else DIR/xla_cache; 'none' turns it off).")
   return parser.parse_args(argv)
 
 
@@ -218,9 +225,24 @@ class Forwarder:
       self.proc.send_signal(signum)
 
 
-def run_process(command: list[str], *, prefix: str, forwarder: Forwarder, on_start) -> int:
+def compilation_cache_dir(flag: str | None, workdir: str) -> str | None:
+  """Where the stages keep compiled XLA programs: the flag, else $JAX_COMPILATION_CACHE_DIR, else
+  DIR/xla_cache; None for 'none'.
+
+  The stages compile many of the same programs (the sampler for every generation evaluation, the
+  forward pass that scores log-probs) at the same shapes; with a shared persistent cache a later
+  stage loads what an earlier one compiled instead of compiling it again. It holds compiled code
+  only, never results, and lives in DIR so that a fresh DIR is a fresh measurement.
+  """
+  if flag is None:
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(workdir, "xla_cache")
+  return None if flag.lower() == "none" else os.path.abspath(flag)
+
+
+def run_process(command: list[str], *, prefix: str, forwarder: Forwarder, on_start,
+                env_overrides: dict[str, str] | None = None) -> int:
   """Runs `command` from the repository root, streaming its output with `prefix`; its exit code."""
-  env = dict(os.environ, PYTHONUNBUFFERED="1")  # Lines as they are printed, not at exit.
+  env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_overrides or {}))  # Lines as printed, not at exit.
   parent = os.getpid()
   proc = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
@@ -236,7 +258,8 @@ def run_process(command: list[str], *, prefix: str, forwarder: Forwarder, on_sta
     forwarder.proc = None
 
 
-def run_stage(stage: str, command: list[str], record: Record, forwarder: Forwarder, workdir: str) -> None:
+def run_stage(stage: str, command: list[str], record: Record, forwarder: Forwarder, workdir: str,
+              cache_dir: str | None = None) -> None:
   """Runs one stage to completion, or raises PipelineError naming it."""
   log(f"{stage}: python {' '.join(command[1:])}")
   previous = record.stage(stage)
@@ -244,7 +267,8 @@ def run_stage(stage: str, command: list[str], record: Record, forwarder: Forward
                 sessions=previous.get("sessions", 0) + 1, started=now())
   start = time.perf_counter()
   code = run_process(command, prefix=f"[{stage}] ", forwarder=forwarder,
-                     on_start=lambda pid: record.update(stage, pid=pid))
+                     on_start=lambda pid: record.update(stage, pid=pid),
+                     env_overrides={"JAX_COMPILATION_CACHE_DIR": cache_dir} if cache_dir else None)
   elapsed = time.perf_counter() - start
   wall = round(previous.get("wall_s", 0.0) + elapsed, 1)
   if code != 0:
@@ -281,6 +305,7 @@ def execute(args: argparse.Namespace, record: Record, forwarder: Forwarder) -> s
   overrides = parse_overrides(args.override)
   stages = parse_stages(args.stages)
   actions = plan(stages, workdir)
+  cache_dir = compilation_cache_dir(args.compilation_cache, workdir)
   for stage in sorted(set(overrides) - {s for s, _ in actions}, key=STAGES.index):
     log(f"--override for {stage} ignored: {stage} is not in --stages ({', '.join(overrides[stage])})")
   ran = set()
@@ -306,7 +331,7 @@ def execute(args: argparse.Namespace, record: Record, forwarder: Forwarder) -> s
     else:
       record.update(stage, preset=args.preset, overrides=overrides.get(stage, []))
       run_stage(stage, stage_command(stage, workdir, args.preset, overrides.get(stage, [])),
-                record, forwarder, workdir)
+                record, forwarder, workdir, cache_dir)
       ran.add(stage)
       if forwarder.received is not None:
         return "interrupted"
