@@ -120,3 +120,12 @@ def test_the_pipeline_survives_a_kill_and_completes_every_stage(tiny_pipeline):
   for name in plots:
     assert f"]({name})" in text
   assert "## Replies side by side" in text and "## Headline metrics" in text
+
+
+def test_the_compilation_cache_is_the_flag_else_the_environment_else_in_the_workdir(monkeypatch, tmp_path):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  assert pipeline.compilation_cache_dir(None, "/w") == "/w/xla_cache"
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/shared/cache")
+  assert pipeline.compilation_cache_dir(None, "/w") == "/shared/cache"
+  assert pipeline.compilation_cache_dir(str(tmp_path), "/w") == str(tmp_path)
+  assert pipeline.compilation_cache_dir("none", "/w") is None
