@@ -1,7 +1,7 @@
 """KL-penalty controllers for PPO (Ziegler et al. 2019, "Fine-Tuning Language Models from Human
 Preferences", section 2.2).
 
-The PPO reward of each token carries `-kl_coef * kl` (see `jaxlm.losses.per_token_rewards`).
+The PPO reward of each token carries `-kl_coef * kl` (see `jaxlm.rl_losses.per_token_rewards`).
 A fixed coefficient is simplest; the adaptive controller instead steers the measured KL to the
 policy's reference towards a target, so the same config works across reward scales:
 

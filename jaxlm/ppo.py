@@ -38,6 +38,7 @@ import optax
 
 from jaxlm import losses
 from jaxlm import model as model_lib
+from jaxlm import rl_losses
 from jaxlm import sharding as sharding_lib
 from jaxlm import training
 
@@ -159,7 +160,7 @@ def policy_log_probs(model, params, seqs: dict[str, Array], response_tokens: Arr
   logits = _response_logits(model, params, seqs, temperature)
   log_probs = losses.token_log_probs(logits=jnp.where(mask[..., None], logits, 0.0),
                                      targets=response_tokens.astype(jnp.int32))
-  entropy = losses.entropy_from_logits(logits=logits, mask=mask)
+  entropy = rl_losses.entropy_from_logits(logits=logits, mask=mask)
   return jnp.where(mask, log_probs, 0.0), entropy
 
 
@@ -212,8 +213,8 @@ def make_scorer(config: model_lib.ModelConfig, reward_config: model_lib.ModelCon
 # ------------------------------------------------------------------------------------------------
 @jax.jit
 def _kl_terms(log_probs, ref_log_probs):
-  return {"k1": losses.kl_k1(log_probs=log_probs, ref_log_probs=ref_log_probs),
-          "k3": losses.kl_k3(log_probs=log_probs, ref_log_probs=ref_log_probs)}
+  return {"k1": rl_losses.kl_k1(log_probs=log_probs, ref_log_probs=ref_log_probs),
+          "k3": rl_losses.kl_k3(log_probs=log_probs, ref_log_probs=ref_log_probs)}
 
 
 def advantages(*, scored: dict[str, Array], score: Array, mask: Array, response_lengths: Array,
@@ -238,11 +239,11 @@ def advantages(*, scored: dict[str, Array], score: Array, mask: Array, response_
 
 def _advantages_impl(log_probs, ref_log_probs, values, score, mask, response_lengths, kl_coef, ppo: PPOConfig):
   kl = _kl_terms(log_probs, ref_log_probs)[ppo.kl_estimator]
-  rewards = losses.per_token_rewards(kl=kl, kl_coef=kl_coef, score=score, last_index=response_lengths - 1,
+  rewards = rl_losses.per_token_rewards(kl=kl, kl_coef=kl_coef, score=score, last_index=response_lengths - 1,
                                      mask=mask)
-  adv, returns = losses.gae_advantages(rewards=rewards, values=values, mask=mask, gamma=ppo.gamma, lam=ppo.lam)
+  adv, returns = rl_losses.gae_advantages(rewards=rewards, values=values, mask=mask, gamma=ppo.gamma, lam=ppo.lam)
   if ppo.whiten_advantages:
-    adv = losses.masked_whiten(values=adv, mask=mask)
+    adv = rl_losses.masked_whiten(values=adv, mask=mask)
   return {"rewards": rewards, "advantages": adv, "returns": returns, "kl": jnp.where(mask, kl, 0.0)}
 
 
@@ -259,11 +260,11 @@ def _minibatch_losses(model, policy_params, value_params, batch, ppo: PPOConfig)
   mask = batch["mask"]
   log_probs, entropy = policy_log_probs(model, policy_params, seqs, batch["response_tokens"], mask,
                                         ppo.temperature)
-  pg_sum, count, pg_aux = losses.ppo_policy_loss(log_probs=log_probs, old_log_probs=batch["log_probs"],
+  pg_sum, count, pg_aux = rl_losses.ppo_policy_loss(log_probs=log_probs, old_log_probs=batch["log_probs"],
                                                   advantages=batch["advantages"], mask=mask,
                                                   clip_eps=ppo.clip_eps)
   values = token_values(model, value_params, seqs)
-  vf_sum, _, vf_aux = losses.ppo_value_loss(values=values, old_values=batch["values"], returns=batch["returns"],
+  vf_sum, _, vf_aux = rl_losses.ppo_value_loss(values=values, old_values=batch["values"], returns=batch["returns"],
                                             mask=mask, clip_eps=ppo.value_clip_eps)
   entropy_sum = jnp.sum(jnp.where(mask, entropy, 0.0))
   denom = jnp.maximum(count, 1.0)
@@ -382,16 +383,16 @@ def rollout_diagnostics(rollout: dict[str, Array], scored: dict[str, Array], adv
   mask = rollout["mask"]
   rows = jnp.maximum(mask.shape[0], 1)
   log_ratio = jnp.where(mask, scored["log_probs"] - scored["ref_log_probs"], 0.0)
-  k3 = jnp.where(mask, losses.kl_k3(log_probs=scored["log_probs"], ref_log_probs=scored["ref_log_probs"]), 0.0)
+  k3 = jnp.where(mask, rl_losses.kl_k3(log_probs=scored["log_probs"], ref_log_probs=scored["ref_log_probs"]), 0.0)
   gap = jnp.where(mask, jnp.abs(scored["log_probs"] - rollout["sampler_log_probs"]), 0.0)
   return {"kl": jnp.sum(log_ratio) / rows, "kl_k3": jnp.sum(k3) / rows,
-          "entropy": losses.masked_mean(values=scored["entropy"], mask=mask),
+          "entropy": rl_losses.masked_mean(values=scored["entropy"], mask=mask),
           "sampler_gap": jnp.max(gap),
-          "explained_variance": losses.explained_variance(values=scored["values"], returns=advantage["returns"],
+          "explained_variance": rl_losses.explained_variance(values=scored["values"], returns=advantage["returns"],
                                                           mask=mask),
           "length": jnp.mean(rollout["response_lengths"].astype(jnp.float32)),
-          "value_mean": losses.masked_mean(values=scored["values"], mask=mask),
-          "return_mean": losses.masked_mean(values=advantage["returns"], mask=mask)}
+          "value_mean": rl_losses.masked_mean(values=scored["values"], mask=mask),
+          "return_mean": rl_losses.masked_mean(values=advantage["returns"], mask=mask)}
 
 
 def kl_alarm(kl: float, *, min_kl: float, max_kl: float) -> str | None:

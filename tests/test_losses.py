@@ -13,6 +13,7 @@ from jax import test_util as jtu
 
 from jaxlm import losses
 from jaxlm import model as model_lib
+from jaxlm import rl_losses
 from jaxlm import sharding
 
 CONFIG = model_lib.ModelConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4,
@@ -34,8 +35,9 @@ def _random_case(seed, shape=(3, 5, 7), scale=3.0):
   return logits, targets, mask
 
 
-def test_the_docstring_examples_run():
-  result = doctest.testmod(losses, optionflags=doctest.ELLIPSIS)
+@pytest.mark.parametrize("module", [losses, rl_losses], ids=lambda m: m.__name__)
+def test_the_docstring_examples_run(module):
+  result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
   assert result.attempted >= 3 and result.failed == 0
 
 
@@ -398,17 +400,17 @@ def test_kl_estimators_hand_values_and_properties():
   logp = jnp.log(jnp.array([[0.5, 0.25, 0.1]]))
   ref = jnp.log(jnp.array([[0.25, 0.25, 0.4]]))
   d = np.log([[0.5, 1.0, 4.0]])  # log ref - log pi
-  np.testing.assert_allclose(losses.kl_k1(log_probs=logp, ref_log_probs=ref), -d, rtol=1e-6,
+  np.testing.assert_allclose(rl_losses.kl_k1(log_probs=logp, ref_log_probs=ref), -d, rtol=1e-6,
                              atol=1e-7)
-  np.testing.assert_allclose(losses.kl_k2(log_probs=logp, ref_log_probs=ref), 0.5 * d ** 2,
+  np.testing.assert_allclose(rl_losses.kl_k2(log_probs=logp, ref_log_probs=ref), 0.5 * d ** 2,
                              rtol=1e-6, atol=1e-7)
-  k3 = losses.kl_k3(log_probs=logp, ref_log_probs=ref)
+  k3 = rl_losses.kl_k3(log_probs=logp, ref_log_probs=ref)
   np.testing.assert_allclose(k3, [[0.5 - 1 + np.log(2.0), 0.0, 3.0 - np.log(4.0)]], rtol=1e-5,
                              atol=1e-7)
   # k1 and k3 are unbiased for KL(pi || ref) under samples from pi: exact expectation here.
   p, q = np.array([0.6, 0.3, 0.1]), np.array([0.2, 0.5, 0.3])
   kl = np.sum(p * np.log(p / q))
-  for est in (losses.kl_k1, losses.kl_k3):
+  for est in (rl_losses.kl_k1, rl_losses.kl_k3):
     per_token = est(log_probs=jnp.log(p)[None], ref_log_probs=jnp.log(q)[None])[0]
     np.testing.assert_allclose(np.sum(p * per_token), kl, rtol=1e-5)
   assert np.all(np.asarray(k3) >= 0)
@@ -417,11 +419,11 @@ def test_kl_estimators_hand_values_and_properties():
 def test_per_token_rewards_put_the_penalty_on_response_tokens_and_the_score_last():
   kl = jnp.array([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
   mask = jnp.array([[True, True, True, False], [True, False, False, False]])
-  rewards = losses.per_token_rewards(kl=kl, kl_coef=0.5, score=jnp.array([10.0, -1.0]),
+  rewards = rl_losses.per_token_rewards(kl=kl, kl_coef=0.5, score=jnp.array([10.0, -1.0]),
                                      last_index=jnp.array([2, 0]), mask=mask)
   np.testing.assert_allclose(rewards, [[-0.5, -1.0, -1.5 + 10.0, 0.0], [-2.5 - 1.0, 0, 0, 0]])
   # A traced coefficient (from a KL controller inside jit) works the same.
-  jitted = jax.jit(lambda c: losses.per_token_rewards(kl=kl, kl_coef=c, score=jnp.zeros(2),
+  jitted = jax.jit(lambda c: rl_losses.per_token_rewards(kl=kl, kl_coef=c, score=jnp.zeros(2),
                                                       last_index=jnp.array([2, 0]), mask=mask))
   np.testing.assert_allclose(jitted(jnp.float32(0.5)), np.where(mask, -0.5 * kl, 0.0))
 
@@ -448,7 +450,7 @@ def test_gae_matches_a_naive_loop_on_ragged_masks():
                    [0, 0, 0, 0, 0, 0]],  # empty
                   bool)
   for gamma, lam in ((1.0, 0.95), (0.9, 0.5), (1.0, 1.0)):
-    adv, ret = losses.gae_advantages(rewards=rewards, values=values, mask=mask, gamma=gamma,
+    adv, ret = rl_losses.gae_advantages(rewards=rewards, values=values, mask=mask, gamma=gamma,
                                      lam=lam)
     naive_adv, naive_ret = _naive_gae(rewards, values, mask, gamma, lam)
     np.testing.assert_allclose(adv, naive_adv, rtol=1e-5, atol=1e-6)
@@ -456,7 +458,7 @@ def test_gae_matches_a_naive_loop_on_ragged_masks():
     assert adv.dtype == jnp.float32 and adv.shape == (5, 6)
   # Row 1 by the textbook sum A_t = sum_l (gamma lam)^l delta_{t+l}, with V_3 = 0 (terminal).
   gamma, lam = 0.9, 0.5
-  adv, _ = losses.gae_advantages(rewards=rewards, values=values, mask=mask, gamma=gamma, lam=lam)
+  adv, _ = rl_losses.gae_advantages(rewards=rewards, values=values, mask=mask, gamma=gamma, lam=lam)
   v = np.append(values[1, :3], 0.0)
   delta = rewards[1, :3] + gamma * v[1:] - v[:3]
   textbook = [sum((gamma * lam) ** l * delta[t + l] for l in range(3 - t)) for t in range(3)]
@@ -464,7 +466,7 @@ def test_gae_matches_a_naive_loop_on_ragged_masks():
   # Entries at masked positions (garbage included) change nothing.
   rewards_poisoned, values_poisoned = rewards.copy(), values.copy()
   rewards_poisoned[~mask], values_poisoned[~mask] = np.nan, 1e9
-  adv_p, ret_p = losses.gae_advantages(rewards=rewards_poisoned, values=values_poisoned,
+  adv_p, ret_p = rl_losses.gae_advantages(rewards=rewards_poisoned, values=values_poisoned,
                                        mask=mask, gamma=gamma, lam=lam)
   np.testing.assert_array_equal(adv_p, adv)
 
@@ -473,7 +475,7 @@ def test_gae_with_gamma_and_lambda_one_is_reward_to_go_minus_value():
   rewards = np.array([[0.0, -0.1, 0.0, 2.0, 0.0]])
   values = np.array([[0.3, 1.0, -1.0, 0.5, 9.0]])
   mask = np.array([[1, 1, 1, 1, 0]], bool)
-  adv, ret = losses.gae_advantages(rewards=rewards, values=values, mask=mask, gamma=1.0, lam=1.0)
+  adv, ret = rl_losses.gae_advantages(rewards=rewards, values=values, mask=mask, gamma=1.0, lam=1.0)
   np.testing.assert_allclose(ret, [[1.9, 1.9, 2.0, 2.0, 0.0]], rtol=1e-6)
   np.testing.assert_allclose(adv, [[1.6, 0.9, 3.0, 1.5, 0.0]], rtol=1e-6)
 
@@ -483,21 +485,21 @@ def test_masked_mean_var_and_whiten():
   x = rng.normal(3.0, 2.0, (3, 4)).astype(np.float32)
   mask = rng.random((3, 4)) < 0.6
   mask[0, 0] = True
-  np.testing.assert_allclose(losses.masked_mean(values=x, mask=mask), x[mask].mean(), rtol=1e-5)
-  np.testing.assert_allclose(losses.masked_var(values=x, mask=mask), x[mask].var(), rtol=1e-5)
-  white = losses.masked_whiten(values=x, mask=mask)
+  np.testing.assert_allclose(rl_losses.masked_mean(values=x, mask=mask), x[mask].mean(), rtol=1e-5)
+  np.testing.assert_allclose(rl_losses.masked_var(values=x, mask=mask), x[mask].var(), rtol=1e-5)
+  white = rl_losses.masked_whiten(values=x, mask=mask)
   np.testing.assert_allclose(white[mask], (x[mask] - x[mask].mean()) / x[mask].std(), rtol=1e-4,
                              atol=1e-5)
   assert not np.any(np.asarray(white)[~mask])
-  kept = losses.masked_whiten(values=x, mask=mask, shift_mean=False)
+  kept = rl_losses.masked_whiten(values=x, mask=mask, shift_mean=False)
   np.testing.assert_allclose(kept[mask], np.asarray(white)[mask] + x[mask].mean(), rtol=1e-5)
   # Float weights; nothing masked in gives 0 (not NaN); garbage under the mask is ignored.
   w = np.array([1.0, 3.0, 0.0], np.float32)
-  assert float(losses.masked_mean(values=jnp.array([1.0, 5.0, jnp.nan]), mask=w)) == 4.0
+  assert float(rl_losses.masked_mean(values=jnp.array([1.0, 5.0, jnp.nan]), mask=w)) == 4.0
   none = np.zeros_like(mask)
-  assert float(losses.masked_mean(values=x, mask=none)) == 0.0
-  assert float(losses.masked_var(values=x, mask=none)) == 0.0
-  assert not np.any(losses.masked_whiten(values=x, mask=none))
+  assert float(rl_losses.masked_mean(values=x, mask=none)) == 0.0
+  assert float(rl_losses.masked_var(values=x, mask=none)) == 0.0
+  assert not np.any(rl_losses.masked_whiten(values=x, mask=none))
 
 
 def test_ppo_policy_loss_hand_values():
@@ -505,7 +507,7 @@ def test_ppo_policy_loss_hand_values():
   log_probs = jnp.log(jnp.array([[1.5, 0.5], [1.1, 0.5]]))
   advantages = jnp.array([[1.0, 1.0], [-2.0, 5.0]])
   mask = jnp.array([[True, True], [True, False]])
-  loss_sum, count, aux = losses.ppo_policy_loss(
+  loss_sum, count, aux = rl_losses.ppo_policy_loss(
       log_probs=log_probs, old_log_probs=jnp.zeros((2, 2)), advantages=advantages, mask=mask,
       clip_eps=0.2)
   # max(-1.5, -1.2) = -1.2 (clipped); max(-0.5, -0.8) = -0.5; max(2.2, 2.2) = 2.2 (a tie).
@@ -514,7 +516,7 @@ def test_ppo_policy_loss_hand_values():
   ratio = np.array([1.5, 0.5, 1.1])
   np.testing.assert_allclose(aux["approx_kl"], np.sum(ratio - 1 - np.log(ratio)), rtol=1e-5)
   # The clipped token gets no gradient; the others get -A * ratio * mask.
-  grad = jax.grad(lambda lp: losses.ppo_policy_loss(
+  grad = jax.grad(lambda lp: rl_losses.ppo_policy_loss(
       log_probs=lp, old_log_probs=jnp.zeros((2, 2)), advantages=advantages, mask=mask,
       clip_eps=0.2)[0])(log_probs)
   np.testing.assert_allclose(grad, [[0.0, -0.5], [2.2, 0.0]], rtol=1e-5, atol=1e-7)
@@ -525,12 +527,12 @@ def test_ppo_value_loss_hand_values():
   old_values = jnp.array([[0.0, 0.0, 0.0, 0.0]])
   returns = jnp.array([[1.0, 1.0, -1.0, 0.0]])
   mask = jnp.array([[True, True, True, False]])
-  loss_sum, count, aux = losses.ppo_value_loss(values=values, old_values=old_values,
+  loss_sum, count, aux = rl_losses.ppo_value_loss(values=values, old_values=old_values,
                                                returns=returns, mask=mask, clip_eps=0.2)
   # Token 0: max(0, 0.8^2); token 1: max(0.5^2, 0.8^2); token 2: max(0.9^2, 0.9^2).
   np.testing.assert_allclose(loss_sum, 0.5 * (0.64 + 0.64 + 0.81), rtol=1e-5)
   assert float(count) == 3.0 and float(aux["value_clip_fraction"]) == 2.0
-  grad = jax.grad(lambda v: losses.ppo_value_loss(values=v, old_values=old_values,
+  grad = jax.grad(lambda v: rl_losses.ppo_value_loss(values=v, old_values=old_values,
                                                   returns=returns, mask=mask,
                                                   clip_eps=0.2)[0])(values)
   # Clipped tokens 0 and 1 get no gradient; token 2 gets V - R; the masked token nothing.
@@ -542,12 +544,12 @@ def test_entropy_from_logits_matches_naive_and_is_safe_with_minus_inf():
   probs = np.exp(logits.astype(np.float64))
   probs /= probs.sum(-1, keepdims=True)
   naive = -(probs * np.log(probs)).sum(-1)
-  np.testing.assert_allclose(losses.entropy_from_logits(logits=logits, mask=mask),
+  np.testing.assert_allclose(rl_losses.entropy_from_logits(logits=logits, mask=mask),
                              np.where(mask, naive, 0.0), rtol=1e-5, atol=1e-6)
   filtered = logits.copy()
   filtered[..., :3] = -np.inf  # top-k style filtering
   filtered[~mask] = np.nan
-  fn = lambda z: jnp.sum(losses.entropy_from_logits(logits=z, mask=mask))
+  fn = lambda z: jnp.sum(rl_losses.entropy_from_logits(logits=z, mask=mask))
   rest = np.exp(logits[..., 3:].astype(np.float64))
   rest /= rest.sum(-1, keepdims=True)
   np.testing.assert_allclose(fn(filtered), (-(rest * np.log(rest)).sum(-1))[mask].sum(),
@@ -562,10 +564,10 @@ def test_explained_variance():
   mask = np.array([[True, True, True, False]])
   r, v = returns[mask], values[mask]
   np.testing.assert_allclose(
-      losses.explained_variance(values=values, returns=returns, mask=mask),
+      rl_losses.explained_variance(values=values, returns=returns, mask=mask),
       1 - np.var(r - v) / np.var(r), rtol=1e-5)
-  assert float(losses.explained_variance(values=returns, returns=returns, mask=mask)) == 1.0
-  assert float(losses.explained_variance(values=values, returns=np.ones((1, 4)), mask=mask)) == 0
+  assert float(rl_losses.explained_variance(values=returns, returns=returns, mask=mask)) == 1.0
+  assert float(rl_losses.explained_variance(values=values, returns=np.ones((1, 4)), mask=mask)) == 0
 
 
 def test_rl_losses_ignore_masked_out_entries():
@@ -577,14 +579,14 @@ def test_rl_losses_ignore_masked_out_entries():
   mask = rng.random(shape) < 0.6
   poisoned = {k: np.where(mask, v, 1e6).astype(np.float32) for k, v in arrays.items()}
   calls = (
-      lambda a: losses.ppo_policy_loss(log_probs=a["log_probs"],
+      lambda a: rl_losses.ppo_policy_loss(log_probs=a["log_probs"],
                                        old_log_probs=a["old_log_probs"],
                                        advantages=a["advantages"], mask=mask, clip_eps=0.2),
-      lambda a: losses.ppo_value_loss(values=a["values"], old_values=a["old_values"],
+      lambda a: rl_losses.ppo_value_loss(values=a["values"], old_values=a["old_values"],
                                       returns=a["returns"], mask=mask, clip_eps=0.2),
-      lambda a: losses.explained_variance(values=a["values"], returns=a["returns"], mask=mask),
-      lambda a: losses.masked_whiten(values=a["advantages"], mask=mask),
-      lambda a: losses.per_token_rewards(kl=a["log_probs"], kl_coef=0.1, score=jnp.ones(2),
+      lambda a: rl_losses.explained_variance(values=a["values"], returns=a["returns"], mask=mask),
+      lambda a: rl_losses.masked_whiten(values=a["advantages"], mask=mask),
+      lambda a: rl_losses.per_token_rewards(kl=a["log_probs"], kl_coef=0.1, score=jnp.ones(2),
                                          last_index=jnp.array([1, 3]), mask=mask),
   )
   for call in calls:
@@ -606,13 +608,13 @@ def test_new_losses_jit_equals_eager_and_return_float32_for_bf16_inputs():
       "seq": lambda: losses.sequence_log_probs(logits=logits, targets=targets, mask=mask),
       "dpo": lambda: losses.dpo_loss(**pair, beta=0.1, label_smoothing=0.1),
       "ipo": lambda: losses.ipo_loss(**pair, beta=0.1),
-      "k3": lambda: losses.kl_k3(log_probs=a, ref_log_probs=b),
-      "gae": lambda: losses.gae_advantages(rewards=a, values=b, mask=mask, gamma=1.0, lam=0.95),
-      "policy": lambda: losses.ppo_policy_loss(log_probs=a, old_log_probs=b, advantages=c,
+      "k3": lambda: rl_losses.kl_k3(log_probs=a, ref_log_probs=b),
+      "gae": lambda: rl_losses.gae_advantages(rewards=a, values=b, mask=mask, gamma=1.0, lam=0.95),
+      "policy": lambda: rl_losses.ppo_policy_loss(log_probs=a, old_log_probs=b, advantages=c,
                                                mask=mask, clip_eps=0.2),
-      "value": lambda: losses.ppo_value_loss(values=a, old_values=b, returns=c, mask=mask,
+      "value": lambda: rl_losses.ppo_value_loss(values=a, old_values=b, returns=c, mask=mask,
                                              clip_eps=0.2),
-      "entropy": lambda: losses.entropy_from_logits(logits=logits, mask=mask),
+      "entropy": lambda: rl_losses.entropy_from_logits(logits=logits, mask=mask),
   }
   for name, call in calls.items():
     eager = call()
