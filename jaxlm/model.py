@@ -58,7 +58,7 @@ the tree is::
   scalar_head/bias         []                 ()
 
 `scan_layers=False` has `layers_0`, `layers_1`, ... without the leading axis;
-`unstack_layers` / `stack_layers` convert between the two.
+`param_tree.unstack_layers` / `param_tree.stack_layers` convert between the two.
 
 Init scheme (GPT-2): every kernel and the embedding ~ normal(0.02); the residual-branch output
 projections (attn/o, mlp/down) ~ normal(0.02 / sqrt(2 L)) so the residual stream's variance
@@ -81,6 +81,8 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from jaxlm import param_tree
 
 Array = jax.Array
 
@@ -592,16 +594,6 @@ def init_params(config: ModelConfig, rng: Array, *, scalar_head: bool = False) -
   return Transformer(config).init(rng, tokens, scalar_index=index)["params"]
 
 
-def _is_boxed(tree) -> bool:
-  leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
-  return any(isinstance(leaf, nn.meta.AxisMetadata) for leaf in leaves)
-
-
-def _require_plain(params: dict, what: str) -> None:
-  if _is_boxed(params):
-    raise ValueError(f"{what} takes plain params; apply sharding.unbox first")
-
-
 def add_scalar_head(params: dict, config: ModelConfig, rng: Array) -> dict:
   """A new tree: `params` (an LM tree, boxed or plain) plus a fresh, zero scalar head.
 
@@ -613,35 +605,4 @@ def add_scalar_head(params: dict, config: ModelConfig, rng: Array) -> dict:
   if embed_dim != config.embed_dim:
     raise ValueError(f"params have embed_dim {embed_dim}, config says {config.embed_dim}")
   head = ScalarHead().init(rng, jnp.zeros((embed_dim,), jnp.float32))["params"]
-  return {**params, "scalar_head": head if _is_boxed(params) else nn.meta.unbox(head)}
-
-
-def decay_mask(params: dict) -> dict:
-  """True for leaves that weight decay should touch: kernels and the embedding, not norm
-  scales or biases. By name, because with scanned layers a norm scale is 2-D too."""
-  def decays(path, _):
-    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
-    return names[-1] in ("kernel", "embedding")
-  return jax.tree_util.tree_map_with_path(decays, nn.meta.unbox(params))
-
-
-@jax.jit  # one compiled program instead of one eager op per slice
-def unstack_layers(params: dict) -> dict:
-  """Scanned layout (`layers` with a leading L axis) -> `layers_0`, ... (plain trees only)."""
-  _require_plain(params, "unstack_layers")
-  params = dict(params)
-  layers = params.pop("layers")
-  num_layers = jax.tree.leaves(layers)[0].shape[0]
-  for i in range(num_layers):
-    params[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], layers)
-  return params
-
-
-@jax.jit
-def stack_layers(params: dict) -> dict:
-  """`layers_0`, ... -> the scanned layout (plain trees only)."""
-  _require_plain(params, "stack_layers")
-  params = dict(params)
-  keys = sorted((k for k in params if k.startswith("layers_")), key=lambda k: int(k[7:]))
-  params["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *[params.pop(k) for k in keys])
-  return params
+  return {**params, "scalar_head": head if param_tree.is_boxed(params) else nn.meta.unbox(head)}

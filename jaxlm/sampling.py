@@ -79,6 +79,7 @@ from jax.sharding import Mesh
 import numpy as np
 
 from jaxlm import model as model_lib
+from jaxlm import param_tree
 from jaxlm import sharding
 
 Array = jax.Array
@@ -297,7 +298,7 @@ def _generate(params, prompt_tokens, prompt_lengths, rng, *, config, sampling, m
   if mesh is not None:
     params = _gather_fsdp(params, config, mesh)
   if config.scan_layers:  # Decode with unrolled layers; see "Decode loop" in the docstring.
-    params = model_lib.unstack_layers(params)
+    params = param_tree.unstack_layers(params)
     config = config.replace(scan_layers=False)
   params = _cast_matmul_weights(params, config.compute_dtype)
   model = model_lib.Transformer(config)

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlm import model as model_lib
+from jaxlm import param_tree
 from jaxlm import sharding as sharding_lib
 from jaxlm.losses import LossFn
 
@@ -115,7 +115,7 @@ def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int,
 
   i.e. decoupled weight decay that follows the schedule (PyTorch's AdamW, optax's `adamw`).
 
-  Which parameters decay (`jaxlm.model.decay_mask`): every matmul kernel *and the token
+  Which parameters decay (`jaxlm.param_tree.decay_mask`): every matmul kernel *and the token
   embedding*; never RMSNorm scales or biases (the scalar head's bias), whose scale is meaningful
   and should not be pulled to zero. The embedding decays on purpose. jaxlm ties it to the LM
   head by default, which makes it the output projection: every row receives a gradient through
@@ -149,7 +149,7 @@ def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int,
   if grad_clip_norm is not None and grad_clip_norm <= 0:
     raise ValueError(f"grad_clip_norm={grad_clip_norm} must be positive (or None: no clipping)")
   # A static tree of Python bools: the mask is decided once, here, and can be inspected.
-  mask = model_lib.decay_mask(params)
+  mask = param_tree.decay_mask(params)
   adamw = optax.adamw(schedule_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
   parts = [] if grad_clip_norm is None else [optax.clip_by_global_norm(grad_clip_norm)]
   return optax.chain(*parts, adamw), schedule_fn

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxlm import model as model_lib
+from jaxlm import param_tree
 
 # Odd sizes catch axis mix-ups; 2 layers is the least that can tell scanned from unscanned.
 CONFIG = model_lib.ModelConfig(vocab_size=61, embed_dim=32, num_layers=2, num_heads=4,
@@ -153,7 +154,7 @@ def _decode_all(config, params, tokens, lengths, prompt_lengths):
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_kv_cache_prefill_and_decode_equal_the_full_forward(params, scan_layers):
   config = CONFIG.replace(scan_layers=scan_layers)
-  params = params if scan_layers else model_lib.unstack_layers(params)
+  params = params if scan_layers else param_tree.unstack_layers(params)
   tokens = _tokens((3, 12), seed=4)
   lengths, prompt_lengths = jnp.array([12, 9, 5]), jnp.array([4, 6, 2])
   segment_ids = (jnp.arange(12)[None] < lengths[:, None]).astype(jnp.int32)
@@ -220,16 +221,16 @@ def test_add_scalar_head_turns_an_lm_tree_into_a_reward_model(boxed):
 
 def test_scanned_and_unscanned_layouts_give_the_same_outputs(params):
   tokens = _tokens((2, 8))
-  unscanned = model_lib.unstack_layers(params)
+  unscanned = param_tree.unstack_layers(params)
   assert "layers" not in unscanned and "layers_1" in unscanned
   a = _apply(CONFIG, params, tokens, scalar_index=jnp.array([2, 7]))
   b = _apply(CONFIG.replace(scan_layers=False), unscanned, tokens, scalar_index=jnp.array([2, 7]))
   np.testing.assert_allclose(a.logits, b.logits, atol=1e-6)
   np.testing.assert_allclose(a.scalar, b.scalar, atol=1e-6)
-  restacked = model_lib.stack_layers(unscanned)
+  restacked = param_tree.stack_layers(unscanned)
   jax.tree.map(np.testing.assert_array_equal, restacked, params)
   with pytest.raises(ValueError, match="plain"):
-    model_lib.unstack_layers(model_lib.init_params(CONFIG, jax.random.key(0)))
+    param_tree.unstack_layers(model_lib.init_params(CONFIG, jax.random.key(0)))
 
 
 def test_bfloat16_compute_is_close_to_float32(params):
@@ -263,7 +264,7 @@ def _remat_policies(config, params, tokens):
     ("full", False)])
 def test_remat_policies_give_the_same_loss_and_gradients(params, policy, scan_layers):
   tokens, segment_ids = _tokens((2, 8)), jnp.array([[1] * 8, [1] * 5 + [0] * 3])
-  plain = params if scan_layers else model_lib.unstack_layers(params)
+  plain = params if scan_layers else param_tree.unstack_layers(params)
   base = CONFIG.replace(scan_layers=scan_layers)
   loss, grads = _loss_and_grads(base, plain, tokens, segment_ids)
   remat_config = base.replace(remat_policy=policy)
@@ -306,7 +307,7 @@ def test_untied_head_and_explicit_xla_attention(params):
 
 
 def test_decay_mask_skips_norms_and_biases(params):
-  mask = model_lib.decay_mask(params)
+  mask = param_tree.decay_mask(params)
   assert mask["layers"]["attn"]["q"]["kernel"] and mask["embed"]["embedding"]
   assert not mask["layers"]["attn_norm"]["scale"] and not mask["final_norm"]["scale"]
   assert not mask["scalar_head"]["bias"]

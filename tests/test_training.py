@@ -20,6 +20,7 @@ import pytest
 
 from jaxlm import losses
 from jaxlm import model as model_lib
+from jaxlm import param_tree
 from jaxlm import sharding
 from jaxlm import training
 
@@ -137,7 +138,7 @@ def test_weight_decay_skips_norms_and_decays_kernels_and_the_embedding(setup):
   # The scalar head's bias (reward model, value head) does not decay either; its kernel does.
   with_head = jax.eval_shape(functools.partial(model_lib.init_params, CONFIG, scalar_head=True),
                              jax.random.key(0))
-  assert model_lib.decay_mask(with_head)["scalar_head"] == {"kernel": True, "bias": False}
+  assert param_tree.decay_mask(with_head)["scalar_head"] == {"kernel": True, "bias": False}
   with pytest.raises(ValueError, match="grad_clip_norm"):
     training.make_optimizer(**{**OPTIMIZER, "grad_clip_norm": 0.0}, params=before)
 
