@@ -24,8 +24,9 @@ Asking for a stage whose parent is neither complete nor part of the run is an er
 anything runs. A failing stage stops the pipeline, naming the stage and its exit code.
 
 The stages share a persistent XLA compilation cache in DIR/xla_cache (`--compilation_cache`): a
-later stage loads the programs an earlier one compiled at the same shapes (the sampler, the
-log-prob forward) instead of compiling them again.
+resumed stage, and a stage that compiles a program another one already compiled at the same
+shapes, loads it instead of compiling it again. (Today the stages' sampler programs differ in
+batch, lengths or temperature, so within one fresh run the saving is small.)
 
 DIR/pipeline.json records, per stage: status, command, overrides, pipeline sessions and wall
 time (process start-up and compilation included, summed over the sessions that ended; a killed
@@ -229,9 +230,8 @@ def compilation_cache_dir(flag: str | None, workdir: str) -> str | None:
   """Where the stages keep compiled XLA programs: the flag, else $JAX_COMPILATION_CACHE_DIR, else
   DIR/xla_cache; None for 'none'.
 
-  The stages compile many of the same programs (the sampler for every generation evaluation, the
-  forward pass that scores log-probs) at the same shapes; with a shared persistent cache a later
-  stage loads what an earlier one compiled instead of compiling it again. It holds compiled code
+  A resumed or re-run stage, or one that compiles a program an earlier stage compiled at the
+  same shapes, loads it from the cache instead of compiling it again. It holds compiled code
   only, never results, and lives in DIR so that a fresh DIR is a fresh measurement.
   """
   if flag is None:

@@ -49,8 +49,10 @@ def world_tokenizer(small_world, tmp_path_factory):
 # pipeline run (a file lock in the session's shared temporary directory).
 # ------------------------------------------------------------------------------------------------
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PRETRAIN_STEPS = 40  # configs/pretrain.py:tiny
-STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
+sys.path.insert(0, str(ROOT))  # `configs`, `experiments` are not installed: import them from the checkout.
+from configs import pretrain as pretrain_config  # noqa: E402
+
+PRETRAIN_STEPS = pretrain_config.get_config("tiny").total_steps
 
 
 def stage_environment(cache_dir) -> dict:
@@ -64,14 +66,6 @@ def stage_command(stage: str, workdir, *overrides, preset: str = "tiny") -> list
   """`python -m experiments.<stage> --config=configs/<stage>.py:<preset> --workdir=... overrides`."""
   return [sys.executable, "-m", f"experiments.{stage}", f"--config=configs/{stage}.py:{preset}",
           f"--workdir={workdir}", *overrides]
-
-
-def run_stage(stage: str, workdir, cache_dir, *overrides, timeout: int = 600) -> subprocess.CompletedProcess:
-  """Runs a stage to completion and fails the test with its stderr tail if it exits non-zero."""
-  result = subprocess.run(stage_command(stage, workdir, *overrides), cwd=ROOT, env=stage_environment(cache_dir),
-                          capture_output=True, text=True, timeout=timeout)
-  assert result.returncode == 0, result.stderr[-4000:]
-  return result
 
 
 def shared_tmp(tmp_path_factory) -> pathlib.Path:
@@ -120,14 +114,12 @@ class PipelineRun:
     killed_log: the output of the first invocation, SIGKILLed after SFT's first checkpoint.
     rerun_log: the output of the re-run that completed every stage.
     pretrain_mtime_ns: pretraining's manifest mtime between the two (the re-run must not touch it).
-    sft_pid: the SFT process the kill took down with the pipeline.
   """
 
   workdir: pathlib.Path
   killed_log: str
   rerun_log: str
   pretrain_mtime_ns: int
-  sft_pid: int
 
   def stage(self, name: str) -> tuple[pathlib.Path, str]:
     """(run directory, the stage's own output lines from both invocations, prefix removed)."""
@@ -155,8 +147,7 @@ def _run_killed_pipeline(root: pathlib.Path) -> dict:
       if proc.poll() is None:
         proc.kill()
   with open(workdir / "pipeline.json") as f:
-    sft_pid = json.load(f)["stages"]["sft"]["pid"]
-  wait_until_gone(sft_pid)
+    wait_until_gone(json.load(f)["stages"]["sft"]["pid"])
   pretrain_mtime_ns = os.stat(workdir / "pretrain" / "manifest.json").st_mtime_ns
   result = subprocess.run(pipeline_command(workdir), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
@@ -164,7 +155,7 @@ def _run_killed_pipeline(root: pathlib.Path) -> dict:
   if result.returncode:
     raise RuntimeError(f"the re-run pipeline failed:\n{killed_log[-3000:]}\n---\n{result.stdout[-6000:]}")
   return dict(workdir=str(workdir), killed_log=killed_log, rerun_log=result.stdout,
-              pretrain_mtime_ns=pretrain_mtime_ns, sft_pid=sft_pid)
+              pretrain_mtime_ns=pretrain_mtime_ns)
 
 
 @pytest.fixture(scope="session")

@@ -11,10 +11,7 @@ import threading
 
 import pytest
 
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT))  # `experiments` is not installed: import it from the checkout.
-from experiments import pipeline  # noqa: E402
+from experiments import pipeline  # conftest puts the checkout on sys.path
 
 PARENTS = {"sft": ("pretrain",), "reward": ("sft",), "dpo": ("sft",), "ppo": ("sft",)}
 

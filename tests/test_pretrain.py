@@ -1,7 +1,8 @@
 """experiments.pretrain end to end, as a user runs it: a subprocess on the real `:tiny` config.
 
-The session pipeline's stage-1 run (conftest.tiny_pipeline, uninterrupted) is shared by the tests; the kill/resume test must end with exactly its
-parameters (bitwise: XLA on CPU is deterministic, and so are the data pipeline and the rng).
+The session pipeline's stage-1 run (conftest.tiny_pipeline, uninterrupted) is shared by the
+tests; the kill/resume test must end with exactly its parameters (bitwise: XLA on CPU is
+deterministic, and so are the data pipeline and the rng).
 """
 
 import json
