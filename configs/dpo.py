@@ -47,7 +47,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       precompute=True,            # reference log-probs once before training: one model in memory
   ))
 
-  c.seq_len = 96                  # prompt + response tokens per side (90% of world pairs fit)
+  # One row per pair: the prompt once, then both responses (the shared-prompt layout). On the
+  # world, 87% of pairs fit 128 tokens whole (the rest lose early prompt tokens) and 98% of
+  # response pairs fit 112 scored slots (the rest are dropped).
+  c.seq_len = 128                 # prompt + chosen + rejected tokens per pair
+  c.score_len = 112               # chosen + rejected tokens: the positions the LM head scores
   c.length_policy = "truncate"
   c.batch_size = 32               # pairs per optimizer step
   c.num_microbatches = 1
@@ -78,9 +82,9 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
 
   if preset == "tiny":
     common.use_tiny_schedule(c)
-    c.seq_len = 96
     c.eval.update(dict(num_prompts=16, max_new_tokens=16, batch_size=16, num_samples=4))
   elif preset in ("gpt2_124m", "1b"):
     common.use_accelerator_schedule(c, preset, learning_rate=5e-7)
+    c.score_len = 768               # of the 1024-token pair rows
     c.eval.max_new_tokens = 256
   return c

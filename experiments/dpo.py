@@ -59,6 +59,9 @@ def check_config(config) -> trainer.LoopConfig:
   loop = trainer.LoopConfig.from_config(config)
   if config.seq_len > config.model.max_len:
     raise ValueError(f"config.seq_len={config.seq_len} exceeds config.model.max_len={config.model.max_len}")
+  if not 0 < config.score_len < config.seq_len:
+    raise ValueError(f"config.score_len={config.score_len} must be in (0, config.seq_len={config.seq_len}): "
+                     "both responses together, within the pair's row")
   return loop
 
 
@@ -125,8 +128,8 @@ def main(argv) -> None:
   valid_source = stage.open_split(config, "preference", "validation")
   shard = pipelines.HostShard.from_jax()
   host_batch = stage.per_host_batch_size(config.batch_size)
-  data_args = dict(max_len=config.seq_len, batch_size=host_batch, seed=config.seed, shard=shard,
-                   length_policy=config.length_policy)
+  data_args = dict(max_len=config.seq_len, score_len=config.score_len, layout="shared", batch_size=host_batch,
+                   seed=config.seed, shard=shard, length_policy=config.length_policy)
   pairs = iter(pipelines.pairs_dataset(train_source, tok, num_threads=config.data.num_threads, **data_args))
   reference_logps = dpo.reference_fn(model_config)
   if config.reference.precompute:
@@ -187,7 +190,7 @@ def main(argv) -> None:
   # Train loop (jaxlm/trainer.py), then the final evaluation.
   # ----------------------------------------------------------------------------------------------
   progress = metrics_lib.Progress(
-      config.total_steps, tokens_per_step=2 * config.batch_size * config.seq_len,
+      config.total_steps, tokens_per_step=config.batch_size * config.seq_len,
       flops_per_token=model_lib.flops_per_token(model_config, config.seq_len, causal=True),
       every=config.log_every, keys=("loss", "accuracy", "margin"), start_step=int(state.step))
   state = trainer.fit(state, loop=loop, train_step=train_step, train_iter=train_iter, mesh=mesh, rules=rules,

@@ -73,7 +73,7 @@ MANIFEST_VERSION = 1
 PARAMS_KEY = "params"  # the top-level entry of the train state that `load_parent` restores
 # ModelConfig fields a later stage may change: they decide how the model runs, not what the
 # parameters mean. Every other field (shapes, tying, rope_theta, norm_eps, scan layout) must match.
-FREE_MODEL_FIELDS = frozenset({"max_len", "dtype", "remat_policy", "attention_impl"})
+FREE_MODEL_FIELDS = frozenset({"max_len", "dtype", "remat_policy", "scan_unroll", "attention_impl"})
 
 
 # --- JSON helpers ----------------------------------------------------------------------------

@@ -5,8 +5,8 @@ against a frozen reference pi_ref (the SFT model), through the implicit rewards
 
   r(x, y) = beta * (log pi(y | x) - log pi_ref(y | x)),   log pi(y | x) = sum_t log pi(y_t | x, y_<t)
 
-summed over the response tokens only (the pairs pipeline's `<side>_loss_mask`, which covers the
-response and its `<|end|>`). The losses themselves (sigmoid DPO, conservative DPO, IPO) are pure
+summed over the response tokens only (the response and its `<|end|>`), computed from one row per
+pair that holds the prompt once (the pairs pipeline's shared-prompt layout). The losses themselves (sigmoid DPO, conservative DPO, IPO) are pure
 functions of four [B] log-prob vectors in `jaxlm/losses.py`; this module computes those vectors
 with the same `Transformer` forward pass as every other stage and wires them into the
 `(loss_sum, count, aux_sums)` contract of `jaxlm/training.py`.
@@ -34,7 +34,6 @@ from jaxlm import losses
 from jaxlm import model as model_lib
 
 Array = jax.Array
-SIDES = ("chosen", "rejected")
 # name -> loss function of the four [B] log-prob vectors (and beta, label_smoothing).
 LOSSES = {
     "sigmoid": lambda beta, label_smoothing: functools.partial(losses.dpo_loss, beta=beta,
@@ -44,19 +43,23 @@ LOSSES = {
 
 
 def pair_log_probs(model: model_lib.Transformer, params, batch: Mapping[str, Array]) -> tuple[Array, Array]:
-  """Summed response log-probs of both sides: ([B], [B]) float32, one forward pass of [2B, L].
+  """Summed response log-probs of both sides: ([B], [B]) float32, one forward pass of [B, L].
 
-  The pairs are unshifted (prompt + response in `<side>_tokens`); logits at position t predict
-  token t + 1, so the response tokens are scored where `<side>_loss_mask[:, 1:]` is True.
+  The batch is in the shared-prompt layout (`pipelines.pairs_dataset(layout="shared")`): one row
+  per pair holds the prompt once and both responses after it, each response attending to the
+  prompt and to itself only (`branch_ids`), at the positions it would have in its own sequence.
+  So every response token sees exactly the context it would see in a row of its own, and the
+  log-probs equal those of two separate forward passes (tests/test_dpo.py checks this), for
+  L / (2 L_side) of the work. The LM head runs only at the S scored positions (`score_index`).
   """
-  def both(name):
-    return jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=0)
-
-  tokens = both("tokens")
-  logits = model.apply({"params": params}, tokens[:, :-1], segment_ids=both("segment_ids")[:, :-1],
-                       positions=both("positions")[:, :-1]).logits
-  log_probs = losses.sequence_log_probs(logits=logits, targets=tokens[:, 1:], mask=both("loss_mask")[:, 1:])
-  return jnp.split(log_probs, 2)
+  logits = model.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
+                       positions=batch["positions"], branch_ids=batch["branch_ids"],
+                       logits_at=batch["score_index"]).logits
+  side = batch["score_side"]
+  token_logps = losses.masked_token_log_probs(logits=logits, targets=batch["score_targets"], mask=side != 0)
+  chosen = jnp.sum(jnp.where(side == 1, token_logps, 0.0), axis=-1)
+  rejected = jnp.sum(jnp.where(side == 2, token_logps, 0.0), axis=-1)
+  return chosen, rejected
 
 
 def dpo_loss_fn(model: model_lib.Transformer, *, loss: str, beta: float, label_smoothing: float = 0.0) -> Callable:
@@ -104,7 +107,7 @@ def reference_fn(config: model_lib.ModelConfig) -> Callable[[Any, Mapping[str, A
   return jax.jit(lambda params, batch: pair_log_probs(model, params, batch))
 
 
-_MODEL_KEYS = tuple(f"{side}_{name}" for side in SIDES for name in ("tokens", "segment_ids", "positions", "loss_mask"))
+_MODEL_KEYS = ("tokens", "segment_ids", "positions", "branch_ids", "score_index", "score_targets", "score_side")
 
 
 def _model_inputs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -216,8 +216,8 @@ def pairwise_accuracy(*, chosen_rewards: Array, rejected_rewards: Array) -> Arra
 # ------------------------------------------------------------------------------------------------
 # Sequence log-probs and DPO: inputs are summed response log-probs [B].
 # ------------------------------------------------------------------------------------------------
-def sequence_log_probs(*, logits: Array, targets: Array, mask: Array) -> Array:
-  r"""Sum of the masked target-token log-probs of each row: :math:`\sum_t m_{b,t} \log p_{b,t}`.
+def masked_token_log_probs(*, logits: Array, targets: Array, mask: Array) -> Array:
+  r"""Per-position target log-probs :math:`m_{b,t} \log p_{b,t}`, exactly 0 where masked.
 
   Unlike `token_log_probs`, logits that are -inf (top-k / top-p filtered vocabulary entries) or
   garbage at masked positions do not give NaN: masked positions are replaced before any
@@ -229,14 +229,7 @@ def sequence_log_probs(*, logits: Array, targets: Array, mask: Array) -> Array:
     mask: [B, T] bool or float weights (the response tokens).
 
   Returns:
-    [B] float32, the log-probability of each row's masked tokens (0 for a fully masked row).
-
-  Example:
-    >>> logits = jnp.log(jnp.array([[[0.5, 0.5, 0.0], [0.25, 0.75, 0.0]]]))  # log 0 = -inf
-    >>> logp = sequence_log_probs(logits=logits, targets=jnp.array([[0, 1]]),
-    ...                           mask=jnp.array([[True, True]]))
-    >>> round(float(logp[0]), 4)  # log 0.5 + log 0.75
-    -0.9808
+    [B, T] float32.
   """
   keep = mask != 0
   logits = jnp.where(keep[..., None], logits.astype(jnp.float32), 0.0)
@@ -245,7 +238,23 @@ def sequence_log_probs(*, logits: Array, targets: Array, mask: Array) -> Array:
   # -inf * 0 would be NaN.
   one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.bool_)
   target_logit = jnp.sum(jnp.where(one_hot, logits, 0.0), axis=-1)
-  return jnp.sum(jnp.where(keep, (target_logit - lse) * mask.astype(jnp.float32), 0.0), axis=-1)
+  return jnp.where(keep, (target_logit - lse) * mask.astype(jnp.float32), 0.0)
+
+
+def sequence_log_probs(*, logits: Array, targets: Array, mask: Array) -> Array:
+  r"""Sum of the masked target-token log-probs of each row: :math:`\sum_t m_{b,t} \log p_{b,t}`.
+
+  `masked_token_log_probs` summed over T: [B, T, V], [B, T], [B, T] -> [B] float32 (0 for a
+  fully masked row); NaN-free where masked.
+
+  Example:
+    >>> logits = jnp.log(jnp.array([[[0.5, 0.5, 0.0], [0.25, 0.75, 0.0]]]))  # log 0 = -inf
+    >>> logp = sequence_log_probs(logits=logits, targets=jnp.array([[0, 1]]),
+    ...                           mask=jnp.array([[True, True]]))
+    >>> round(float(logp[0]), 4)  # log 0.5 + log 0.75
+    -0.9808
+  """
+  return jnp.sum(masked_token_log_probs(logits=logits, targets=targets, mask=mask), axis=-1)
 
 
 def _dpo_margin(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,

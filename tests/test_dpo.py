@@ -13,28 +13,20 @@ from jaxlm import dpo
 from jaxlm import losses
 from jaxlm import model as model_lib
 from jaxlm import sharding
+from jaxlm.data import pipelines
 
 CONFIG = model_lib.ModelConfig(vocab_size=32, embed_dim=32, num_layers=2, num_heads=2, num_kv_heads=2,
                                head_dim=16, mlp_dim=64, max_len=32)
 PROMPT = [1, 5, 6]
 
 
-def _pairs(rows_chosen, rows_rejected, width=12):
-  """A host pairs batch: prompt PROMPT then each response; `record_index` = row number."""
-  n = len(rows_chosen)
-  batch = {"valid": np.ones(n, bool), "record_index": np.arange(n, dtype=np.int32)}
-  for side, rows in (("chosen", rows_chosen), ("rejected", rows_rejected)):
-    tokens = np.zeros((n, width), np.int32)
-    for i, response in enumerate(rows):
-      tokens[i, : len(PROMPT) + len(response)] = PROMPT + response
-    lengths = np.asarray([len(PROMPT) + len(r) for r in rows])
-    index = np.arange(width)
-    real = index < lengths[:, None]
-    batch[f"{side}_tokens"] = tokens
-    batch[f"{side}_segment_ids"] = real.astype(np.int32)
-    batch[f"{side}_positions"] = np.where(real, index, 0).astype(np.int32)
-    batch[f"{side}_loss_mask"] = real & (index >= len(PROMPT))
-    batch[f"{side}_last_index"] = (lengths - 1).astype(np.int32)
+def _pairs(rows_chosen, rows_rejected, width=24, score_len=16):
+  """A host pairs batch in the shared-prompt layout: PROMPT, then each response; `record_index` = row."""
+  examples = [pipelines.shared_pair_example(np.asarray(PROMPT), np.asarray(chosen), np.asarray(rejected),
+                                            max_len=width, score_len=score_len)
+              for chosen, rejected in zip(rows_chosen, rows_rejected)]
+  batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+  batch["record_index"] = np.arange(len(examples), dtype=np.int32)
   return batch
 
 
@@ -42,17 +34,27 @@ def _params(seed):
   return sharding.unbox(model_lib.init_params(CONFIG, jax.random.key(seed)))
 
 
-def test_pair_log_probs_sum_the_response_tokens_only():
-  params = _params(0)
-  batch = _pairs([[9, 10, 2]], [[11, 2]])
-  chosen, rejected = dpo.pair_log_probs(model_lib.Transformer(CONFIG), params, batch)
-  logits = model_lib.Transformer(CONFIG).apply({"params": params}, jnp.asarray([PROMPT + [9, 10, 2]])).logits
+def _alone_log_prob(config, params, response):
+  """log p(response | PROMPT) from a row of its own: the definition the shared layout must meet."""
+  tokens = PROMPT + response
+  logits = model_lib.Transformer(config).apply({"params": params}, jnp.asarray([tokens])).logits
   log_probs = jax.nn.log_softmax(logits[0], axis=-1)
-  expected = sum(float(log_probs[t - 1, tok]) for t, tok in enumerate(PROMPT + [9, 10, 2]) if t >= len(PROMPT))
-  np.testing.assert_allclose(float(chosen[0]), expected, rtol=1e-5)
-  # Changing a prompt token's *target* role cannot matter; padding further does not either.
-  wide = _pairs([[9, 10, 2]], [[11, 2]], width=24)
-  np.testing.assert_allclose(np.asarray(dpo.pair_log_probs(model_lib.Transformer(CONFIG), params, wide)),
+  return sum(float(log_probs[t - 1, tok]) for t, tok in enumerate(tokens) if t >= len(PROMPT))
+
+
+@pytest.mark.parametrize("changes", [{}, {"attention_impl": "blocked", "num_kv_heads": 1, "scan_unroll": 2}])
+def test_pair_log_probs_equal_each_response_scored_in_a_row_of_its_own(changes):
+  """One row holds the prompt once and both responses; each is scored as if alone after it."""
+  config = CONFIG.replace(**changes)
+  params = sharding.unbox(model_lib.init_params(config, jax.random.key(0)))
+  pairs = ([[9, 10, 2], [12, 2]], [[11, 2], [13, 14, 15, 16, 2]])
+  chosen, rejected = dpo.pair_log_probs(model_lib.Transformer(config), params, _pairs(*pairs))
+  for row, (c, r) in enumerate(zip(*pairs)):
+    np.testing.assert_allclose(float(chosen[row]), _alone_log_prob(config, params, c), rtol=1e-5)
+    np.testing.assert_allclose(float(rejected[row]), _alone_log_prob(config, params, r), rtol=1e-5)
+  # Padding the row and the scored slots further changes nothing.
+  wide = _pairs(*pairs, width=32, score_len=24)
+  np.testing.assert_allclose(np.asarray(dpo.pair_log_probs(model_lib.Transformer(config), params, wide)),
                              np.asarray([chosen, rejected]), rtol=1e-5)
 
 

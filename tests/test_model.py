@@ -322,3 +322,53 @@ def test_initialisation_follows_the_documented_scheme(params):
   np.testing.assert_allclose(np.std(layers["attn"]["o"]["kernel"]), residual_std, rtol=0.1)
   np.testing.assert_array_equal(params["layers"]["mlp_norm"]["scale"], 1.0)
   np.testing.assert_array_equal(params["scalar_head"]["kernel"], 0.0)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_blocked_attention_equals_the_xla_path_with_its_gradients(params, monkeypatch, num_kv_heads):
+  """Blocks of 4 queries over 11 tokens (a partial last block), packed segments and padding."""
+  monkeypatch.setattr(model_lib, "ATTENTION_BLOCK", 4)  # read at trace time; 3 blocks here
+  config = CONFIG.replace(num_kv_heads=num_kv_heads, attention_impl="xla")
+  params = _init(config)
+  tokens = _tokens((2, 11))
+  segment_ids = jnp.array([[1] * 5 + [2] * 4 + [0] * 2, [1] * 11])
+  blocked = config.replace(attention_impl="blocked", scan_unroll=2)
+  loss, grads = _loss_and_grads(config, params, tokens, segment_ids)
+  blocked_loss, blocked_grads = _loss_and_grads(blocked, params, tokens, segment_ids)
+  np.testing.assert_allclose(blocked_loss, loss, rtol=1e-6)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), blocked_grads, grads)
+  np.testing.assert_allclose(_apply(blocked, params, tokens).logits, _apply(config, params, tokens).logits,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("attention_impl", [None, "blocked"])
+def test_branches_see_the_shared_prefix_and_never_each_other(params, attention_impl):
+  """[prefix | a | b] in one row scores a and b as rows [prefix | a] and [prefix | b] would."""
+  config = CONFIG.replace(attention_impl=attention_impl)
+  prefix, a, b = _tokens((3,), seed=4), _tokens((4,), seed=5), _tokens((2,), seed=6)
+  row = jnp.concatenate([prefix, a, b, jnp.zeros((1,), jnp.int32)])[None]
+  branch_ids = jnp.array([[0, 0, 0, 1, 1, 1, 1, 2, 2, 0]])
+  positions = jnp.array([[0, 1, 2, 3, 4, 5, 6, 3, 4, 0]])
+  segment_ids = jnp.array([[1] * 9 + [0]])
+  out = _apply(config, params, row, segment_ids=segment_ids, positions=positions, branch_ids=branch_ids).logits
+  alone_a = _apply(config, params, jnp.concatenate([prefix, a])[None]).logits
+  alone_b = _apply(config, params, jnp.concatenate([prefix, b])[None]).logits
+  np.testing.assert_allclose(out[0, :7], alone_a[0], atol=1e-5)
+  np.testing.assert_allclose(out[0, 7:9], alone_b[0, 3:], atol=1e-5)
+  # logits_at computes the LM head at the given positions only: the same rows of the logits.
+  at = jnp.array([[2, 6, 2, 8]])
+  picked = _apply(config, params, row, segment_ids=segment_ids, positions=positions, branch_ids=branch_ids,
+                  logits_at=at).logits
+  np.testing.assert_allclose(picked[0], out[0, at[0]], atol=1e-6)
+  with pytest.raises(ValueError, match="branch_ids need explicit positions"):
+    _apply(config, params, row, branch_ids=branch_ids)
+
+
+def test_scan_unroll_changes_nothing_but_speed(params):
+  tokens = _tokens((2, 8))
+  reference = _apply(CONFIG, params, tokens).logits
+  for unroll in (2, 5):  # 5 > num_layers: clamped to a full unroll
+    np.testing.assert_allclose(_apply(CONFIG.replace(scan_unroll=unroll), params, tokens).logits, reference,
+                               atol=1e-6)
+  with pytest.raises(ValueError, match="scan_unroll"):
+    CONFIG.replace(scan_unroll=0)

@@ -249,6 +249,51 @@ def test_pairs_truncate_the_prompt_never_the_response(world_tokenizer):
     assert tok.decode(tokens[batch[f"{side}_loss_mask"][0]].tolist()) == text
 
 
+def test_shared_pairs_layout(pref_source, world_tokenizer):
+  """One row per pair: the prompt once, then each response at the positions it has alone."""
+  tok = world_tokenizer
+  stats = pipelines.PipelineStats("pairs")
+  batch = next(iter(pipelines.pairs_dataset(pref_source, tok, max_len=512, score_len=256, layout="shared",
+                                            batch_size=8, shuffle=False, stats=stats)))
+  assert batch["valid"].all() and stats.summary()["truncated"] == stats.summary()["dropped"] == 0
+  for row in range(8):
+    record = pref_source[batch["record_index"][row]]
+    prompt = chat_template.render_prompt(tok, record["prompt"])
+    tokens, positions, branch = batch["tokens"][row], batch["positions"][row], batch["branch_ids"][row]
+    side, index, targets = batch["score_side"][row], batch["score_index"][row], batch["score_targets"][row]
+    np.testing.assert_array_equal(tokens[: len(prompt)], prompt)
+    for number, name in ((1, "chosen"), (2, "rejected")):
+      at = np.flatnonzero(branch == number)
+      response = tokens[at]
+      assert tok.decode(response.tolist()) == record[name] and response[-1] == tok.end_of_turn_id
+      np.testing.assert_array_equal(positions[at], len(prompt) + np.arange(len(at)))
+      # Scored slots: exactly this response's tokens, each predicted from its predecessor in
+      # the same branch, the first from the prompt's last token.
+      np.testing.assert_array_equal(targets[side == number], response)
+      np.testing.assert_array_equal(index[side == number], np.concatenate([[len(prompt) - 1], at[:-1]]))
+    real = int((batch["segment_ids"][row] > 0).sum())
+    assert real == len(prompt) + (branch > 0).sum() and not tokens[real:].any() and not targets[side == 0].any()
+
+
+def test_shared_pairs_truncate_the_prompt_and_drop_what_cannot_be_scored(world_tokenizer):
+  tok = world_tokenizer
+  long_prompt = [{"role": "user", "content": "word " * 200}]
+  records = [{"prompt": long_prompt, "chosen": "Yes.", "rejected": "No, not at all.", "meta": {}},
+             {"prompt": long_prompt, "chosen": "word " * 30, "rejected": "word " * 30, "meta": {}}]
+  stats = pipelines.PipelineStats("pairs", min_seen=10)
+  batch = next(iter(pipelines.pairs_dataset(ListSource(records), tok, max_len=40, score_len=24, layout="shared",
+                                            batch_size=2, num_epochs=1, stats=stats)))
+  assert stats.summary()["truncated"] == 1 and stats.summary()["dropped"] == 1
+  assert batch["valid"].tolist() == [True, False]  # the second pair's responses exceed score_len
+  assert batch["tokens"][0][0] == tok.bos_id and (batch["segment_ids"][0] > 0).all()
+  for number, text in ((1, "Yes."), (2, "No, not at all.")):
+    assert tok.decode(batch["tokens"][0][batch["branch_ids"][0] == number].tolist()) == text
+  with pytest.raises(ValueError, match="score_len"):
+    pipelines.pairs_dataset(ListSource(records), tok, max_len=40, score_len=40, layout="shared", batch_size=2)
+  with pytest.raises(ValueError, match="layout"):
+    pipelines.pairs_dataset(ListSource(records), tok, max_len=40, layout="packed", batch_size=2)
+
+
 # --- prompts ---------------------------------------------------------------------------------------
 
 

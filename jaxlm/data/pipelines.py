@@ -49,7 +49,26 @@ pads one per row.
 plus `record_index` [B] (the pair's index in the source, e.g. for its gold rewards in `meta`)
 and `valid` [B] (False for padding rows of a final, partial batch).
 
-Pairs are kept unshifted because the reward model reads the last token itself; DPO shifts.
+Pairs are kept unshifted because the reward model reads the last token itself.
+
+**Shared-prompt pair batches** (DPO, `layout="shared"`): one row per pair holds the prompt once,
+then the chosen response, then the rejected response, so the prompt is run through the model
+once instead of twice (on the world, 76 real tokens per pair instead of 110)::
+
+  tokens        [B, L] prompt | chosen response | rejected response | 0 ...
+  positions     [B, L] 0 .. P-1 over the prompt; each response continues from P, where it would
+                sit in its own sequence
+  segment_ids   [B, L] 1 for real tokens, 0 for padding
+  branch_ids    [B, L] 0 prompt (and padding), 1 chosen, 2 rejected: a response attends to the
+                prompt and to itself, never to the other response (`model.Transformer`)
+  score_index   [B, S] for each response token, the index whose logits predict it: the previous
+                token of its own response, or the prompt's last token for its first token
+  score_targets [B, S] that response token
+  score_side    [B, S] 1 chosen, 2 rejected, 0 for an unused slot
+
+plus `record_index` and `valid` as above. L (`max_len`) bounds prompt + both responses; S
+(`score_len`) bounds the two responses together, and the model computes logits at these S
+positions only. Responses are never cut; the prompt is truncated from the left to fit.
 
 **Prompt batches** (generation: PPO rollouts, evaluation)::
 
@@ -322,6 +341,17 @@ def _fit_prompt(prompt_ids: np.ndarray, budget: int, bos_id: int) -> np.ndarray 
   return np.concatenate([[bos_id], prompt_ids[len(prompt_ids) - (budget - 1):]]).astype(np.int32)
 
 
+def _prompt_within(prompt: np.ndarray, budget: int, bos_id: int, length_policy: str, *,
+                   unfit: str) -> tuple[np.ndarray | None, bool | str]:
+  """(prompt, truncated?) with the prompt cut from the left to `budget`, or (None, why not)."""
+  if len(prompt) <= budget:
+    return prompt, False
+  if length_policy == "drop":
+    return None, "longer than max_len"
+  fitted = _fit_prompt(prompt, budget, bos_id)
+  return (fitted, True) if fitted is not None else (None, unfit)
+
+
 def render_pair(tokenizer, record, *, max_len: int, length_policy: str):
   """A preference record -> (pair example, truncated?) or (None, reason).
 
@@ -332,13 +362,10 @@ def render_pair(tokenizer, record, *, max_len: int, length_policy: str):
   prompt = chat_template.render_prompt(tokenizer, record["prompt"])
   responses = {side: chat_template.render_response(tokenizer, record[side]) for side in ("chosen", "rejected")}
   budget = max_len - max(len(r) for r in responses.values())
-  truncated = len(prompt) > budget
-  if truncated:
-    if length_policy == "drop":
-      return None, "longer than max_len"
-    prompt = _fit_prompt(prompt, budget, tokenizer.bos_id)
-    if prompt is None:
-      return None, "response alone is longer than max_len"
+  prompt, truncated = _prompt_within(prompt, budget, tokenizer.bos_id, length_policy,
+                                     unfit="response alone is longer than max_len")
+  if prompt is None:
+    return None, truncated
   example = {}
   for side, response in responses.items():
     tokens = np.concatenate([prompt, response]).astype(np.int32)
@@ -352,17 +379,84 @@ def render_pair(tokenizer, record, *, max_len: int, length_policy: str):
   return example, truncated
 
 
+def shared_pair_example(prompt: np.ndarray, chosen: np.ndarray, rejected: np.ndarray, *, max_len: int,
+                        score_len: int) -> dict[str, np.ndarray]:
+  """Token ids of a prompt and its two responses -> one shared-prompt pair example (padded).
+
+  The caller has made them fit: len(prompt) + len(chosen) + len(rejected) <= max_len and
+  len(chosen) + len(rejected) <= score_len, each response at least one token.
+  """
+  p, c = len(prompt), len(chosen)
+  scored = c + len(rejected)
+  n = p + scored
+  if n > max_len or scored > score_len or not (p and c and len(rejected)):
+    raise ValueError(f"a pair of {p} + {c} + {len(rejected)} tokens does not fit max_len={max_len}, "
+                     f"score_len={score_len}")
+  branch = np.concatenate([np.zeros(p, np.int32), np.ones(c, np.int32), np.full(len(rejected), 2, np.int32)])
+  positions = np.concatenate([np.arange(p), p + np.arange(c), p + np.arange(len(rejected))])
+  # Token at index i (a response token) is predicted by the logits at i - 1, except each
+  # response's first token, which the prompt's last token (index p - 1) predicts.
+  response_index = np.arange(p, n)
+  score_index = response_index - 1
+  score_index[c] = p - 1  # the rejected response's first token
+  example = {
+      "tokens": _pad_to(np.concatenate([prompt, chosen, rejected]), max_len),
+      "positions": _pad_to(positions, max_len),
+      "segment_ids": _pad_to(np.ones(n, np.int32), max_len),
+      "branch_ids": _pad_to(branch, max_len),
+      "score_index": _pad_to(score_index, score_len),
+      "score_targets": _pad_to(np.concatenate([chosen, rejected]), score_len),
+      "score_side": _pad_to(branch[p:], score_len),
+      "valid": np.bool_(True),
+  }
+  return example
+
+
+def render_shared_pair(tokenizer, record, *, max_len: int, score_len: int, length_policy: str):
+  """A preference record -> (shared-prompt pair example, truncated?) or (None, reason).
+
+  Layout in the module docstring. Both responses are kept whole (at most `score_len` tokens
+  together); the prompt is truncated from the left to the `max_len` left over.
+  """
+  prompt = chat_template.render_prompt(tokenizer, record["prompt"])
+  chosen = chat_template.render_response(tokenizer, record["chosen"])
+  rejected = chat_template.render_response(tokenizer, record["rejected"])
+  scored = len(chosen) + len(rejected)
+  if scored > score_len:
+    return None, "responses longer than score_len"
+  prompt, truncated = _prompt_within(prompt, max_len - scored, tokenizer.bos_id, length_policy,
+                                     unfit="responses alone are longer than max_len")
+  if prompt is None:
+    return None, truncated
+  return shared_pair_example(prompt, chosen, rejected, max_len=max_len, score_len=score_len), truncated
+
+
+PAIR_LAYOUTS = ("sides", "shared")
+
+
 def pairs_dataset(source, tokenizer, *, max_len: int, batch_size: int, seed: int = 0,
                   shard: HostShard = HostShard(), num_epochs: int | None = None, shuffle: bool = True,
                   length_policy: str = "truncate", stats: PipelineStats | None = None,
-                  num_threads: int = 2) -> grain.IterDataset:
-  """Preference-pair batches for the reward model and DPO (layout in the module docstring)."""
+                  num_threads: int = 2, layout: str = "sides", score_len: int | None = None) -> grain.IterDataset:
+  """Preference-pair batches (layouts in the module docstring).
+
+  `layout="sides"` (the reward model): one row of `max_len` per side. `layout="shared"` (DPO):
+  one row of `max_len` per pair holding the prompt once, with `score_len` scored slots.
+  """
   _check_policy(length_policy)
+  if layout not in PAIR_LAYOUTS:
+    raise ValueError(f"layout must be one of {PAIR_LAYOUTS}, got {layout!r}")
+  if layout == "shared" and not (score_len and 0 < score_len < max_len):
+    raise ValueError(f"the shared layout needs 0 < score_len < max_len ({max_len}), got {score_len!r}")
   stats = stats if stats is not None else PipelineStats(f"pairs:{getattr(source, 'description', '')}")
 
   def render(item):
     index, record = item
-    example, outcome = render_pair(tokenizer, record, max_len=max_len, length_policy=length_policy)
+    if layout == "shared":
+      example, outcome = render_shared_pair(tokenizer, record, max_len=max_len, score_len=score_len,
+                                            length_policy=length_policy)
+    else:
+      example, outcome = render_pair(tokenizer, record, max_len=max_len, length_policy=length_policy)
     stats.record(truncated=outcome is True, dropped=None if example is not None else outcome)
     if example is not None:
       example["record_index"] = np.int32(index)
