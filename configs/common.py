@@ -15,8 +15,8 @@ from ml_collections import config_dict
 #   gpt2_124m 123,587,328 (vocab 50304)   GPT-2 small's shape (SwiGLU, M = 2048 keeps 4E GELU's size)
 #   1b      1,046,824,960 (vocab 50304)   GQA, bf16 compute, remat: a GPU host or a TPU slice
 # How the small presets run (not what they compute; a later stage may change these): the layer
-# loop unrolled and causal attention in query blocks, each ~1.3x faster on XLA:CPU than the
-# defaults (`jaxlm.model.ModelConfig`; figures in the README's DPO section).
+# loop unrolled and causal attention in query blocks. Together 1.3-1.6x faster than the defaults
+# on XLA:CPU for a DPO step, blocked attention the larger part (README, DPO section).
 CPU_EXECUTION = dict(scan_unroll=4, attention_impl="blocked")
 MODEL_PRESETS = {
     "tiny": dict(vocab_size=512, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
