@@ -14,13 +14,13 @@ from ml_collections import config_dict
 #   cpu       1,115,264 (vocab 2048)      the embedded world on 2 CPU cores in ~2.5 minutes
 #   gpt2_124m 123,587,328 (vocab 50304)   GPT-2 small's shape (SwiGLU, M = 2048 keeps 4E GELU's size)
 #   1b      1,046,824,960 (vocab 50304)   GQA, bf16 compute, remat: a GPU host or a TPU slice
-# How the small presets run (not what they compute; a later stage may change these): the layer
+# How the `cpu` preset runs (not what it computes; a later stage may change these): the layer
 # loop unrolled and causal attention in query blocks. Together 1.3-1.6x faster than the defaults
 # on XLA:CPU for a DPO step, blocked attention the larger part (README, DPO section).
 CPU_EXECUTION = dict(scan_unroll=4, attention_impl="blocked")
 MODEL_PRESETS = {
     "tiny": dict(vocab_size=512, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
-                 mlp_dim=384, max_len=256, **CPU_EXECUTION),
+                 mlp_dim=384, max_len=256),  # tests: compile-bound, so the defaults (1 s less per stage)
     "cpu": dict(vocab_size=2048, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
                 mlp_dim=384, max_len=512, **CPU_EXECUTION),
     "gpt2_124m": dict(vocab_size=50304, embed_dim=768, num_layers=12, num_heads=12, num_kv_heads=12,

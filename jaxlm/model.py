@@ -143,8 +143,8 @@ class ModelConfig:
       or "cudnn" (flash attention on NVIDIA GPUs; fp16/bf16 only, raises where unsupported);
       or "blocked": this module's causal attention in blocks of `ATTENTION_BLOCK` queries,
       which skips the blocks above the diagonal (exact; attention forward and backward 1.9x
-      faster than "xla" on XLA:CPU at T = 192, a DPO step 1.2-1.4x), the choice of the CPU
-      presets.
+      faster than "xla" on XLA:CPU at T = 192, a DPO step 1.2-1.4x), the choice of the `cpu`
+      preset.
   """
 
   vocab_size: int
