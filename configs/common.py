@@ -11,7 +11,7 @@ from ml_collections import config_dict
 # Transformer shapes (`jaxlm.model.ModelConfig` fields). Parameter counts with tied embeddings
 # at the preset's vocabulary (`jaxlm.model.num_params`; tests/test_configs.py keeps them true):
 #   tiny        918,656 (vocab 512)       tests and smoke runs: seconds on a laptop CPU
-#   cpu       1,115,264 (vocab 2048)      the embedded world on 2 CPU cores in ~2.5 minutes
+#   cpu       1,115,264 (vocab 2048)      the embedded world on 2 CPU cores in ~2 minutes
 #   gpt2_124m 123,587,328 (vocab 50304)   GPT-2 small's shape (SwiGLU, M = 2048 keeps 4E GELU's size)
 #   1b      1,046,824,960 (vocab 50304)   GQA, bf16 compute, remat: a GPU host or a TPU slice
 # How the `cpu` preset runs (not what it computes; a later stage may change these): the layer

@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.batch_size = 16               # global rows per optimizer step (split over hosts and devices)
   c.num_microbatches = 1          # gradient accumulation: batch_size / num_microbatches rows at once
   c.steps_per_call = 10           # optimizer steps per jitted call (lax.scan): fewer host round trips
-  # ~1.15M tokens, about 2.5 minutes on 2 CPU cores. At this budget more tokens beat more
+  # ~1.15M tokens, about 2 minutes on 2 CPU cores. At this budget more tokens beat more
   # parameters: 2.0M params x 320 steps scored 25.5% on held-out fact multiple choice, this
   # 1.1M x 560-600 steps about 43% (README, "Performance").
   c.total_steps = 560

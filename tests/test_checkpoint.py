@@ -485,7 +485,9 @@ def test_preemption_guard_turns_signals_into_a_flag_and_restores_handlers():
     wait(lambda: guard.requested)
     assert guard.requested and preemption.should_stop(guard)
     os.kill(os.getpid(), signal.SIGINT)  # the first SIGINT is a request too
-    wait(seconds=0.2)
+    # Wait until its handler has run: a second SIGINT sent before that would merge with it.
+    wait(lambda: signal.SIGINT in guard._received)
+    assert signal.SIGINT in guard._received
     with pytest.raises(KeyboardInterrupt):  # the second goes to Python's own handler
       os.kill(os.getpid(), signal.SIGINT)
       wait()

@@ -1,6 +1,7 @@
 """DPO: response log-probs from the shared forward pass, precomputed reference == online, it
 learns a synthetic preference, and the stage runs end to end from a tiny SFT run directory."""
 
+import functools
 import json
 
 import jax
@@ -34,10 +35,15 @@ def _params(seed):
   return sharding.unbox(model_lib.init_params(CONFIG, jax.random.key(seed)))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(config, params, tokens):
+  return model_lib.Transformer(config).apply({"params": params}, tokens).logits
+
+
 def _alone_log_prob(config, params, response):
   """log p(response | PROMPT) from a row of its own: the definition the shared layout must meet."""
   tokens = PROMPT + response
-  logits = model_lib.Transformer(config).apply({"params": params}, jnp.asarray([tokens])).logits
+  logits = _logits(config, params, jnp.asarray([tokens]))
   log_probs = jax.nn.log_softmax(logits[0], axis=-1)
   return sum(float(log_probs[t - 1, tok]) for t, tok in enumerate(tokens) if t >= len(PROMPT))
 
@@ -48,14 +54,14 @@ def test_pair_log_probs_equal_each_response_scored_in_a_row_of_its_own(changes):
   config = CONFIG.replace(**changes)
   params = sharding.unbox(model_lib.init_params(config, jax.random.key(0)))
   pairs = ([[9, 10, 2], [12, 2]], [[11, 2], [13, 14, 15, 16, 2]])
-  chosen, rejected = dpo.pair_log_probs(model_lib.Transformer(config), params, _pairs(*pairs))
+  pair_log_probs = jax.jit(functools.partial(dpo.pair_log_probs, model_lib.Transformer(config)))
+  chosen, rejected = pair_log_probs(params, _pairs(*pairs))
   for row, (c, r) in enumerate(zip(*pairs)):
     np.testing.assert_allclose(float(chosen[row]), _alone_log_prob(config, params, c), rtol=1e-5)
     np.testing.assert_allclose(float(rejected[row]), _alone_log_prob(config, params, r), rtol=1e-5)
   # Padding the row and the scored slots further changes nothing.
   wide = _pairs(*pairs, width=32, score_len=24)
-  np.testing.assert_allclose(np.asarray(dpo.pair_log_probs(model_lib.Transformer(config), params, wide)),
-                             np.asarray([chosen, rejected]), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(pair_log_probs(params, wide)), np.asarray([chosen, rejected]), rtol=1e-5)
 
 
 def test_precomputed_reference_gives_the_online_loss():
