@@ -292,9 +292,8 @@ def rope_tables(positions: Array, head_dim: int, theta: float, table_len: int) -
   Looked up in a [table_len, Dh/2] table of every position rather than computed per token:
   XLA fuses an elementwise sin/cos into each of its consumers and recomputes it there, per
   head, in every layer, forward and backward (a tenth of a DPO step on XLA:CPU); a lookup is
-  a load of the same angles. Positions outside [0, table_len) are
-  clamped, so callers size the table to cover every real position (`Transformer` uses
-  max(max_len, T, cache slots)).
+  a load of the same angles. Positions outside [0, table_len) are clamped, so callers size the
+  table to cover every real position (`Transformer` uses max(max_len, T, cache slots)).
   """
   inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
   angles = jnp.arange(table_len, dtype=jnp.float32)[:, None] * inv_freq
