@@ -130,19 +130,25 @@ def pairwise_report(scores: Mapping[str, np.ndarray], records: Sequence[Mapping[
       carries the world's gold rewards (`gold_chosen`, `gold_rejected`, `label_agrees_gold`),
       the gold-based metrics are added.
 
-  Returns:
+  Returns (every metric with the number of pairs behind it: `num_pairs` unless said otherwise):
+    num_pairs         the pairs scored (int)
     accuracy          fraction of pairs ranked as labelled (ties half)
     margin            mean r_chosen - r_rejected
     reward_mean, reward_std   over both sides of every pair
-    accuracy/len_<lo>_<hi>     accuracy by mean response length of the pair (tokens)
+    accuracy/len_<lo>_<hi>     accuracy by mean response length of the pair (tokens), for the
+                              bins that hold a pair
+    num_pairs/len_<lo>_<hi>    the pairs in that bin (int), for every bin, 0 when empty; the bins
+                              partition the pairs, so these sum to num_pairs
     length_correlation        Pearson(reward, response length) over both sides
     length_preference         fraction of unequal-length pairs where the longer side scores higher
                               (ties half): 0.5 is indifferent to length
+    num_pairs/length_preference   the unequal-length pairs behind it (int)
     and, with world gold:
     label_ceiling     how often the gold reward agrees with the noisy labels: the accuracy a
                       perfect copy of the gold reward would score (ties half)
     accuracy_vs_ceiling  accuracy / label_ceiling
     gold_accuracy     agreement with the gold preference itself (pairs with unequal gold)
+    num_pairs/gold_accuracy   the pairs with unequal gold behind it (int)
     gold_pearson, gold_spearman   correlation of reward and gold reward over both sides
     gold_length_correlation   Pearson(gold reward, length): what the length correlation should be
   """
@@ -159,10 +165,13 @@ def pairwise_report(scores: Mapping[str, np.ndarray], records: Sequence[Mapping[
   edges = LENGTH_EDGES + (np.inf,)
   for lo, hi in zip(edges[:-1], edges[1:]):
     inside = (pair_length >= lo) & (pair_length < hi)
+    name = f"len_{lo}_{hi if np.isfinite(hi) else 'inf'}"
+    report[f"num_pairs/{name}"] = int(inside.sum())
     if inside.any():
-      report[f"accuracy/len_{lo}_{hi if np.isfinite(hi) else 'inf'}"] = _accuracy(difference[inside])
+      report[f"accuracy/{name}"] = _accuracy(difference[inside])
   longer_first = scores["chosen_length"] - scores["rejected_length"]
   unequal = longer_first != 0
+  report["num_pairs/length_preference"] = int(unequal.sum())
   if unequal.any():
     report["length_preference"] = _accuracy(difference[unequal] * np.sign(longer_first[unequal]))
   metas = [records[int(i)].get("meta", {}) for i in scores["record_index"]] if records is not None else []
@@ -177,6 +186,7 @@ def pairwise_report(scores: Mapping[str, np.ndarray], records: Sequence[Mapping[
         label_ceiling=ceiling,
         accuracy_vs_ceiling=report["accuracy"] / ceiling if ceiling else float("nan"),
         gold_accuracy=_accuracy(difference[decided] * np.sign(gold_difference[decided])),
+        **{"num_pairs/gold_accuracy": int(decided.sum())},
         gold_pearson=_correlation(rewards, golds),
         gold_spearman=_correlation(rewards, golds, rank=True),
         gold_length_correlation=_correlation(golds, lengths))

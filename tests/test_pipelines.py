@@ -309,3 +309,154 @@ def test_prompts_layout_and_final_padding(prompt_source, world_tokenizer):
       expected = chat_template.render_prompt(tok, prompt_source[b["record_index"][row]]["prompt"])
       np.testing.assert_array_equal(b["prompt_tokens"][row][:n], expected)
       assert b["prompt_tokens"][row][n - 1] == tok.role_id("assistant") and not b["prompt_tokens"][row][n:].any()
+
+
+# --- up-front counts -------------------------------------------------------------------------------
+
+LONG = "word " * 150  # ~150+ tokens: longer than any length below
+
+
+@pytest.fixture(scope="module")
+def count_sources(small_world):
+  """Small sources of each kind: world records plus a few made too long on purpose."""
+  chats = list(itertools.islice(world.generate("chat", "train", small_world), 40))
+  chats += [{"messages": [{"role": "user", "content": LONG}, {"role": "assistant", "content": "Fine."}], "meta": {}},
+            {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": LONG}], "meta": {}}]
+  prefs = list(itertools.islice(world.generate("preference", "train", small_world), 40))
+  prefs += [{"prompt": [{"role": "user", "content": LONG}], "chosen": "Yes.", "rejected": "No.", "meta": {}},
+            {"prompt": [{"role": "user", "content": "Hi."}], "chosen": LONG, "rejected": "No.", "meta": {}}]
+  prompts = list(itertools.islice(world.generate("prompt", "train", small_world), 40))
+  prompts += [{"prompt": [{"role": "user", "content": LONG}], "meta": {}}]
+  texts = list(itertools.islice(world.generate("text", "train", small_world), 20)) + [{"text": ""}]
+  return {"sft": ListSource(chats), "pairs": ListSource(prefs), "prompts": ListSource(prompts),
+          "pretraining": ListSource(texts)}
+
+
+COUNT_CASES = {  # name: (kind, dataset arguments)
+    "sft-packed": ("sft", dict(max_len=64, packing=True)),
+    "sft-padded": ("sft", dict(max_len=64, packing=False)),
+    "pairs-sides": ("pairs", dict(max_len=96)),
+    "pairs-shared": ("pairs", dict(max_len=128, score_len=96, layout="shared")),
+    "prompts": ("prompts", dict(max_prompt_len=32)),
+}
+
+
+@pytest.mark.parametrize("policy", pipelines.LENGTH_POLICIES)
+@pytest.mark.parametrize("case", COUNT_CASES)
+def test_counts_are_what_one_epoch_of_the_dataset_records(case, policy, count_sources, world_tokenizer):
+  kind, args = COUNT_CASES[case]
+  args = dict(args, length_policy=policy, batch_size=4, seed=5)
+  source = count_sources[kind]
+  dataset = {"sft": pipelines.sft_dataset, "pairs": pipelines.pairs_dataset,
+             "prompts": pipelines.prompts_dataset}[kind]
+  counts = pipelines.count_examples(kind, source, world_tokenizer, **args)  # the dataset's own arguments
+  # One epoch over two host shards, into one PipelineStats: every record once, shuffled.
+  stats = pipelines.PipelineStats(kind, min_seen=10**9)
+  batches = [b for index in range(2) for b in dataset(source, world_tokenizer, num_epochs=1, stats=stats,
+                                                      shard=pipelines.HostShard(index, 2), **args)]
+  assert counts == stats.summary()
+  assert counts["seen"] == len(source) and counts["kept"] == counts["seen"] - counts["dropped"]
+  assert counts["dropped"] == sum(counts["dropped_by_reason"].values())
+  # A truncated prompt always keeps <bos> ... <|assistant|>; everything else here drops some.
+  assert (counts["dropped"] > 0) == (case != "prompts" or policy == "drop")
+  assert set(counts["dropped_by_reason"]) <= set(pipelines.DROP_REASONS)
+  if policy == "truncate":
+    assert counts["truncated"] > 0
+  else:
+    assert counts["truncated"] == 0
+    assert set(counts["dropped_by_reason"]) <= {pipelines.REASON_LONGER_THAN_MAX_LEN,
+                                                pipelines.REASON_LONGER_THAN_MAX_PROMPT_LEN,
+                                                pipelines.REASON_LONGER_THAN_SCORE_LEN}
+  # What was kept is what the batches hold (one segment per example when packed).
+  if kind == "sft":
+    kept = sum(len(np.unique(row[row > 0])) for b in batches for row in b["segment_ids"])
+  else:
+    kept = sum(int(b["valid"].sum()) for b in batches)
+  assert kept == counts["kept"]
+  assert pipelines.needs_warning(counts)
+
+
+def test_pretraining_counts_every_document_and_drops_none(count_sources, world_tokenizer):
+  source = count_sources["pretraining"]
+  counts = pipelines.count_examples("pretraining", source, world_tokenizer, seq_len=16, batch_size=2)
+  stats = pipelines.PipelineStats("pretraining")
+  list(pipelines.pretraining_dataset(source, world_tokenizer, seq_len=16, batch_size=2, num_epochs=1, stats=stats))
+  # Long documents continue in the next row and the empty one still trains <eos>: nothing cut.
+  assert counts == stats.summary() == {"seen": len(source), "kept": len(source), "truncated": 0, "dropped": 0,
+                                       "dropped_by_reason": {}}
+  assert not pipelines.needs_warning(counts)
+
+
+def test_count_examples_checks_its_arguments_like_the_dataset(count_sources, world_tokenizer):
+  tok, chats = world_tokenizer, count_sources["sft"]
+  with pytest.raises(TypeError, match="max_len"):
+    pipelines.count_examples("sft", chats, tok)
+  with pytest.raises(TypeError, match="needs max_prompt_len"):
+    pipelines.count_examples("prompts", count_sources["prompts"], tok)
+  with pytest.raises(TypeError, match="unexpected keyword argument 'max_len'"):
+    pipelines.count_examples("prompts", count_sources["prompts"], tok, max_prompt_len=32, max_len=32)
+  with pytest.raises(ValueError, match="length_policy"):
+    pipelines.count_examples("sft", chats, tok, max_len=64, length_policy="cut")
+  with pytest.raises(ValueError, match="score_len"):
+    pipelines.count_examples("pairs", count_sources["pairs"], tok, max_len=64, layout="shared")
+  with pytest.raises(ValueError, match="kind"):
+    pipelines.count_examples("dpo", chats, tok, max_len=64)
+  # The arguments that only order or lay out batches change nothing.
+  plain = pipelines.count_examples("sft", chats, tok, max_len=64)
+  assert plain == pipelines.count_examples("sft", chats, tok, max_len=64, batch_size=3, seed=9, packing=False,
+                                           shard=pipelines.HostShard(1, 4), num_epochs=None, num_threads=1)
+  assert plain != pipelines.count_examples("sft", chats, tok, max_len=64, length_policy="drop")
+
+
+def test_a_truncation_that_leaves_nothing_to_train_on_is_a_drop(world_tokenizer):
+  tok = world_tokenizer
+  # SFT: the user turn fills max_len, so truncation would keep no assistant token.
+  chat = {"messages": [{"role": "user", "content": LONG}, {"role": "assistant", "content": "Fine."}]}
+  assert pipelines.render_sft_example(tok, chat, max_len=32, length_policy="truncate", where="x") == (
+      None, pipelines.REASON_NO_TRAINABLE_TOKEN)
+  assert pipelines.render_sft_example(tok, chat, max_len=32, length_policy="drop", where="x") == (
+      None, pipelines.REASON_LONGER_THAN_MAX_LEN)
+  # Exactly max_len + 1 tokens (inputs and targets of max_len) is whole, not truncated.
+  ids, _ = chat_template.render_chat(tok, chat["messages"])
+  example, truncated = pipelines.render_sft_example(tok, chat, max_len=len(ids) - 1, length_policy="drop", where="x")
+  assert truncated is False and len(example["inputs"]) == len(ids) - 1
+  # Pairs: a response needing all but one position leaves no room for <bos> ... <|assistant|>.
+  response = "word " * 20
+  n = len(chat_template.render_response(tok, response))
+  pair = {"prompt": [{"role": "user", "content": "Hi."}], "chosen": response, "rejected": "No."}
+  for max_len in (n, n + 1):
+    assert pipelines.render_pair(tok, pair, max_len=max_len, length_policy="truncate") == (
+        None, pipelines.REASON_NO_ROOM_FOR_PROMPT)
+  scored = n + len(chat_template.render_response(tok, "No."))
+  assert pipelines.render_shared_pair(tok, pair, max_len=scored + 1, score_len=scored, length_policy="truncate") == (
+      None, pipelines.REASON_NO_ROOM_FOR_PROMPT)
+  example, truncated = pipelines.render_shared_pair(tok, pair, max_len=scored + 2, score_len=scored,
+                                                    length_policy="truncate")
+  assert truncated is True and example["tokens"][:2].tolist() == [tok.bos_id, tok.role_id("assistant")]
+  assert (example["score_side"] > 0).sum() == scored
+  # With two positions the prompt keeps <bos> <|assistant|>, and the whole response is trained.
+  example, truncated = pipelines.render_pair(tok, pair, max_len=n + 2, length_policy="truncate")
+  assert truncated is True
+  assert example["chosen_tokens"][:2].tolist() == [tok.bos_id, tok.role_id("assistant")]
+  assert example["chosen_loss_mask"].sum() == n
+  # Prompts: the shortest prompt is <bos> <|assistant|>; a shorter max_prompt_len is an error.
+  prompt = {"prompt": [{"role": "user", "content": LONG}]}
+  example, truncated = pipelines.render_prompt_example(tok, prompt, max_prompt_len=2, length_policy="truncate")
+  assert truncated is True and example["prompt_tokens"].tolist() == [tok.bos_id, tok.role_id("assistant")]
+  assert pipelines.render_prompt_example(tok, prompt, max_prompt_len=2, length_policy="drop") == (
+      None, pipelines.REASON_LONGER_THAN_MAX_PROMPT_LEN)
+  with pytest.raises(ValueError, match="max_prompt_len"):
+    pipelines.count_examples("prompts", ListSource([prompt]), tok, max_prompt_len=1)
+
+
+def test_format_counts_and_needs_warning():
+  counts = {"seen": 1000, "kept": 990, "truncated": 5, "dropped": 10,
+            "dropped_by_reason": {pipelines.REASON_LONGER_THAN_MAX_LEN: 7, pipelines.REASON_NO_TRAINABLE_TOKEN: 3}}
+  line = pipelines.format_counts("sft train", counts)
+  assert line == ("sft train: 1000 seen, 985 kept whole, 5 truncated (0.5%), 10 dropped (1.0%): "
+                  "7 longer than max_len, 3 no trainable token left after truncation")
+  assert pipelines.needs_warning(counts)  # 1.5% cut or dropped
+  assert not pipelines.needs_warning(counts, threshold=0.02)
+  assert not pipelines.needs_warning(dict(counts, truncated=0, dropped=10, kept=990))  # exactly 1%: not more
+  empty = {"seen": 0, "kept": 0, "truncated": 0, "dropped": 0, "dropped_by_reason": {}}
+  assert not pipelines.needs_warning(empty) and pipelines.format_counts("x", empty).startswith("x: 0 seen")

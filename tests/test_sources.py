@@ -1,5 +1,6 @@
 """Source strings: world / text / jsonl / tfds, splits, caching, crash and concurrency safety."""
 
+import gzip
 import json
 import os
 import pickle
@@ -176,6 +177,138 @@ def test_record_source_protocol(tmp_path):
   assert sorted(r["chosen"] for r in ds) == sorted(r["chosen"] for r in src)
 
 
+# --- gzip and skipping bad records ---------------------------------------------------------------
+
+
+def test_gzip_sources_read_like_plain_files(tmp_path):
+  cache = str(tmp_path / "c")
+  plain = write_jsonl(tmp_path / "data.jsonl", make_records("preference", 20))
+  packed = tmp_path / "data.jsonl.gz"
+  packed.write_bytes(gzip.compress((tmp_path / "data.jsonl").read_bytes()))
+  for split in ("train", "validation"):
+    a = sources.open_source(f"jsonl:{plain}", "preference", split, cache_dir=cache)
+    b = sources.open_source(f"jsonl:{packed}", "preference", split, cache_dir=cache)
+    assert list(a) == list(b) and b.skipped == [] and b.num_read == 20
+  (tmp_path / "t.txt").write_text("one\n\ntwo\nmore\n\nthree\n")
+  (tmp_path / "t.txt.gz").write_bytes(gzip.compress((tmp_path / "t.txt").read_bytes()))
+  texts = [[r["text"] for r in sources.open_source(f"text:{tmp_path}/{name}", "text", "train", cache_dir=cache)]
+           for name in ("t.txt", "t.txt.gz")]
+  assert texts[0] == texts[1] == ["one", "two\nmore"]
+  before = sources.open_source(f"jsonl:{packed}", "preference", "train", cache_dir=cache).description
+  packed.write_bytes(gzip.compress(json.dumps(make_records("preference", 1)[0]).encode() + b"\n" +
+                                   (tmp_path / "data.jsonl").read_bytes()))
+  edited = sources.open_source(f"jsonl:{packed}", "preference", "train", cache_dir=cache)
+  assert edited.description != before and edited.num_read == 21  # The key hashes the .gz bytes.
+
+
+def test_gzip_source_errors_name_the_file(tmp_path):
+  path = tmp_path / "test.jsonl"  # As downloaded: gzip data under the uncompressed name.
+  path.write_bytes(gzip.compress(json.dumps(chat(0)).encode() + b"\n"))
+  for invalid in ("error", "skip"):
+    with pytest.raises(DataError, match=f"^{path}: is gzip-compressed .*rename it to 'test.jsonl.gz'"):
+      sources.open_source(f"jsonl:{path}", "chat", "train", cache_dir=str(tmp_path / "c"), invalid=invalid)
+  truncated = tmp_path / "cut.jsonl.gz"
+  truncated.write_bytes(gzip.compress("".join(json.dumps(chat(i)) + "\n" for i in range(50)).encode())[:-30])
+  with pytest.raises(DataError, match=f"^{truncated}: is a corrupt or truncated gzip file"):
+    sources.open_source(f"jsonl:{truncated}", "chat", "train", cache_dir=str(tmp_path / "c"), invalid="skip")
+  assert version_dirs(tmp_path / "c") == []
+
+
+def _with_bad_lines(path, n, bad):
+  """`n` chat lines, of which those numbered in `bad` (1-based) are broken in different ways."""
+  breakers = [lambda i: '{"messages": [', lambda i: json.dumps({"messages": [{"role": "bot", "content": "x"}]}),
+              lambda i: json.dumps({"msgs": i})]
+  lines = [json.dumps(chat(i)) if i + 1 not in bad else breakers[sorted(bad).index(i + 1) % 3](i) for i in range(n)]
+  path.write_text("\n".join(lines) + "\n")
+  return str(path)
+
+
+def test_skip_lists_bad_lines_and_survives_the_cache(tmp_path, monkeypatch):
+  path = _with_bad_lines(tmp_path / "data.jsonl", 40, {3, 17})
+  cache = str(tmp_path / "c")
+  opened = sources.open_source(f"jsonl:{path}", "chat", "train", cache_dir=cache, invalid="skip",
+                               max_invalid_fraction=0.1)
+  expected = [{"where": f"{path}:3", "reason": "invalid JSON at column 15: Expecting value"},
+              {"where": f"{path}:17", "reason": "field 'messages[0].role': unknown role 'bot'; expected one of "
+                                                 "('system', 'user', 'assistant')"}]
+  assert opened.skipped == expected and opened.num_read == 40
+  assert len(opened) == 34 and [r["meta"]["id"] for r in opened][:3] == [0, 1, 3]  # 38 valid, 4 held out.
+
+  def fail(*args, **kwargs):
+    raise AssertionError("regenerated a prepared dataset")
+
+  with monkeypatch.context() as m:
+    m.setattr(readers, "read_jsonl", fail)
+    for split in ("train", "validation", "test"):
+      again = sources.open_source(f"jsonl:{path}", "chat", split, cache_dir=cache, invalid="skip",
+                                  max_invalid_fraction=0.1)
+      assert again.skipped == expected and again.num_read == 40
+    assert pickle.loads(pickle.dumps(again)).skipped == expected  # As grain workers get it.
+  clean = sources.open_source(f"jsonl:{write_jsonl(tmp_path / 'ok.jsonl', make_records('chat', 5))}", "chat",
+                              "train", cache_dir=cache, invalid="skip")
+  assert clean.skipped == [] and clean.num_read == 5
+
+
+def test_skip_fraction_above_the_limit_raises(tmp_path):
+  path = _with_bad_lines(tmp_path / "data.jsonl", 40, {3, 17, 30})  # 7.5% invalid.
+  cache = str(tmp_path / "c")
+  pattern = (rf"^jsonl:{re.escape(path)}: 3 of 40 records read \(7\.50%\) are invalid, more than "
+             rf"max_invalid_fraction=0\.01; the first: {re.escape(path)}:3: invalid JSON.*; {re.escape(path)}:17: .*"
+             rf"; {re.escape(path)}:30: missing field 'messages'.*larger max_invalid_fraction$")
+  with pytest.raises(DataError, match=pattern):
+    sources.open_source(f"jsonl:{path}", "chat", "train", cache_dir=cache, invalid="skip")
+  assert version_dirs(cache) == []  # Refused before writing.
+  loose = sources.open_source(f"jsonl:{path}", "chat", "train", cache_dir=cache, invalid="skip",
+                              max_invalid_fraction=0.075)  # 7.5% is not more than 7.5%.
+  assert len(loose.skipped) == 3
+  with pytest.raises(DataError, match=r"3 of 40 records read \(7\.50%\) are invalid, more than "
+                     r"max_invalid_fraction=0\.05"):
+    sources.open_source(f"jsonl:{path}", "chat", "train", cache_dir=cache, invalid="skip", max_invalid_fraction=0.05)
+  (tmp_path / "all_bad.jsonl").write_text("nope\n[]\n")
+  with pytest.raises(DataError, match="no valid records: all 2 records read are invalid"):
+    sources.open_source(f"jsonl:{tmp_path / 'all_bad.jsonl'}", "chat", "train", cache_dir=cache, invalid="skip",
+                        max_invalid_fraction=1.0)
+
+
+def test_error_mode_never_reads_a_skip_prepared_dataset(tmp_path):
+  path = _with_bad_lines(tmp_path / "data.jsonl", 20, {5})
+  cache = str(tmp_path / "c")
+  skipping = sources.open_source(f"jsonl:{path}", "chat", "train", cache_dir=cache, invalid="skip",
+                                 max_invalid_fraction=0.5)
+  assert [s["where"] for s in skipping.skipped] == [f"{path}:5"]
+  with pytest.raises(DataError, match=f"^{re.escape(path)}:5: invalid JSON"):
+    sources.open_source(f"jsonl:{path}", "chat", "train", cache_dir=cache)
+  assert len(version_dirs(cache)) == 1  # Only the skip preparation.
+  clean = write_jsonl(tmp_path / "clean.jsonl", make_records("chat", 10))
+  keys = {sources.open_source(f"jsonl:{clean}", "chat", "train", cache_dir=cache, invalid=invalid).description
+          for invalid in ("error", "skip")}
+  assert len(keys) == 2  # "skip" is in the key; "error" keeps the key of older preparations.
+  assert sources.open_source(f"jsonl:{clean}", "chat", "train", cache_dir=cache, max_invalid_fraction=0.3).description \
+      in keys  # The fraction is not.
+
+
+def test_skip_text_documents_with_bad_bytes(tmp_path):
+  (tmp_path / "t.txt").write_bytes(b"one\n\ntw\xffo\n\nthree\n\nfour\n")
+  src = sources.open_source(f"text:{tmp_path / 't.txt'}", "text", "train", cache_dir=str(tmp_path / "c"),
+                            invalid="skip", max_invalid_fraction=0.25, holdout_fraction=0)
+  assert [r["text"] for r in src] == ["one", "three", "four"] and src.num_read == 4
+  assert [s["where"] for s in src.skipped] == [f"{tmp_path / 't.txt'}:3"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"invalid": "ignore"}, r"^invalid: expected one of \('error', 'skip'\), got 'ignore'"),
+    ({"invalid": "skip", "max_invalid_fraction": 1.5}, r"^max_invalid_fraction: expected a number in \[0, 1\]"),
+    ({"max_invalid_fraction": -0.1}, r"^max_invalid_fraction: "),
+    ({"max_invalid_fraction": float("nan")}, r"^max_invalid_fraction: "),
+])
+def test_invalid_option_values(tmp_path, options, message):
+  path = write_jsonl(tmp_path / "data.jsonl", make_records("text", 5))
+  for source in (f"jsonl:{path}", "world"):
+    with pytest.raises(ValueError, match=message):
+      sources.open_source(source, "text", "train", cache_dir=str(tmp_path / "c"), **options)
+  assert not os.path.exists(tmp_path / "c")
+
+
 # --- crash and concurrency safety (local files: no world needed) ----------------------------------
 
 _KILL_SCRIPT = textwrap.dedent("""
@@ -183,8 +316,8 @@ _KILL_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     from jaxlm.data import readers, sources
     real = readers.read_jsonl
-    def dying(paths, kind):
-      for i, item in enumerate(real(paths, kind)):
+    def dying(paths, kind, **kwargs):
+      for i, item in enumerate(real(paths, kind, **kwargs)):
         if i == 5 and os.environ.get("DIE"):
           os.kill(os.getpid(), signal.SIGKILL)
         if os.environ.get("SLOW"):
@@ -294,6 +427,7 @@ def test_tfds_preference(tfds_dir):
   assert records[0] == {"prompt": [{"role": "user", "content": "q0?"}], "chosen": "good 0", "rejected": "bad 0",
                         "meta": {"label": 0, "source": "made"}}  # Non-scalar features stay out of meta.
   assert pickle.loads(pickle.dumps(src))[3] == src[3]
+  assert src.skipped == [] and src.num_read is None
 
 
 def test_tfds_text_and_split_override(tfds_dir):
@@ -369,6 +503,7 @@ def test_world_matches_generator_in_order(kind, world_lib, tiny, world_cache):
     assert list(src) == expected  # Same records in the same order: shuffling is disabled.
     assert src.description == f"world@{tiny.fingerprint()}/{kind}/{split}"
     assert src.kind == kind and src.split == split
+    assert src.skipped == [] and src.num_read is None
 
 
 def test_world_cached_open_does_not_regenerate(world_lib, tiny, world_cache, monkeypatch):

@@ -12,8 +12,15 @@ Builders (none is registered in the TFDS catalog; `sources.open_source` makes th
   of a text file; ``holdout_fraction=0`` writes only ``train``. A local source has no separate
   test split (`sources` reads ``validation`` for ``test``; pass another file as the eval source
   for a real one). Their `data_dir` is keyed by `local_key`: a sha256 over the absolute file
-  paths, sizes and content hashes, the kind, the options and `BUILDER_VERSION`, so an edited
-  file is prepared again and unchanged files are reused.
+  paths, sizes and content hashes (of the bytes on disk, so of the compressed bytes of a
+  ``.gz`` file), the kind, the options and `BUILDER_VERSION`, so an edited file is prepared
+  again and unchanged files are reused.
+  With ``invalid="skip"`` a bad record is left out instead of failing the prepare (see
+  `readers.read_jsonl`), unless more than ``max_invalid_fraction`` of the records read are bad
+  (checked before anything is written). The skipped records' ``{"where", "reason"}`` entries
+  are stored in the dataset's TFDS metadata (``metadata.json`` in the version directory,
+  written with it atomically), as ``{"skipped": [...]}``; `skipped_records(builder)` reads
+  them back (empty for a dataset prepared with ``invalid="error"`` or by older code).
 
 Record order: shuffling is disabled (``disable_shuffling=True``), so a split stores its records
 in generation order: file then line order for local files, the generator's order for the world.
@@ -91,7 +98,11 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         description=self._describe(),
         features=schemas.tfds_features(self._record_kind()),
         disable_shuffling=True,
+        metadata=self._metadata(),
     )
+
+  def _metadata(self) -> tfds.core.MetadataDict | None:
+    return None
 
   def _describe(self) -> str:
     return f"jaxlm {self._record_kind()} records"
@@ -211,15 +222,18 @@ class _LocalBuilder(_Builder, skip_registration=True):
   """Records of local files, split into train and the held-out tail."""
 
   def __init__(self, *, paths: Sequence[str], kind: str, holdout_fraction: float = 0.1,
-               source: str = "", **kwargs: Any):
+               source: str = "", invalid: str = "error", max_invalid_fraction: float = 0.01, **kwargs: Any):
     self.paths = list(paths)
     self.kind = schemas.check_kind(kind)
     self.holdout_fraction = holdout_fraction
     self.source = source
     holdout_sizes(2, holdout_fraction)  # Checks the fraction's range early.
+    readers.check_invalid_options(invalid, max_invalid_fraction)
+    self.invalid = invalid
+    self.max_invalid_fraction = max_invalid_fraction
     super().__init__(**kwargs)
     self._original_state.update(paths=self.paths, kind=kind, holdout_fraction=holdout_fraction, source=source,
-                                file_format=FILE_FORMAT)
+                                invalid=invalid, max_invalid_fraction=max_invalid_fraction, file_format=FILE_FORMAT)
 
   def _record_kind(self) -> str:
     return self.kind
@@ -227,13 +241,26 @@ class _LocalBuilder(_Builder, skip_registration=True):
   def _describe(self) -> str:
     return f"jaxlm {self.kind} records of {self.source or self.paths} (holdout_fraction={self.holdout_fraction})"
 
-  def _records(self) -> Iterator[tuple[str, dict]]:
+  def _metadata(self) -> tfds.core.MetadataDict:
+    return tfds.core.MetadataDict()
+
+  def _records(self, skipped: list[dict] | None) -> Iterator[tuple[str, dict]]:
+    """The valid records; bad ones raise, or are skipped into `skipped` if it is a list."""
     raise NotImplementedError
+
+  def _skip_list(self) -> list[dict] | None:
+    return [] if self.invalid == "skip" else None
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
     del dl_manager
     # A first pass validates everything and counts, so the split point is known before writing.
-    num_records = sum(1 for _ in self._records())
+    skipped = self._skip_list()
+    num_records = sum(1 for _ in self._records(skipped))
+    readers.check_invalid_fraction(self.source, num_records, skipped or [], self.max_invalid_fraction)
+    self.info.metadata["skipped"] = skipped or []  # Written into the version dir with the data.
+    if skipped:  # Said once, when preparing; `RecordSource.skipped` has the list on every open.
+      logging.warning("jaxlm.data: %s: skipped %d invalid record(s) of %d (invalid='skip'); the first: %s: %s",
+                      self.source, len(skipped), num_records + len(skipped), skipped[0]["where"], skipped[0]["reason"])
     num_train, num_validation = holdout_sizes(num_records, self.holdout_fraction, self.source)
     splits = {"train": self._generate_examples(0, num_train)}
     if num_validation:
@@ -241,7 +268,7 @@ class _LocalBuilder(_Builder, skip_registration=True):
     return splits
 
   def _generate_examples(self, start: int, stop: int) -> Iterator[tuple[int, dict]]:
-    for i, (_, record) in enumerate(self._records()):
+    for i, (_, record) in enumerate(self._records(self._skip_list())):
       if i >= stop:
         break
       if i >= start:
@@ -253,8 +280,8 @@ class LocalJsonlBuilder(_LocalBuilder, skip_registration=True):
 
   name = "jaxlm_local_jsonl"
 
-  def _records(self) -> Iterator[tuple[str, dict]]:
-    return readers.read_jsonl(self.paths, self.kind)
+  def _records(self, skipped: list[dict] | None) -> Iterator[tuple[str, dict]]:
+    return readers.read_jsonl(self.paths, self.kind, skipped=skipped)
 
 
 class LocalTextBuilder(_LocalBuilder, skip_registration=True):
@@ -270,9 +297,18 @@ class LocalTextBuilder(_LocalBuilder, skip_registration=True):
     super().__init__(**kwargs)
     self._original_state.update(docs_per_file=docs_per_file)
 
-  def _records(self) -> Iterator[tuple[str, dict]]:
-    for where, document in readers.read_text_documents(self.paths, docs_per_file=self.docs_per_file):
+  def _records(self, skipped: list[dict] | None) -> Iterator[tuple[str, dict]]:
+    for where, document in readers.read_text_documents(self.paths, docs_per_file=self.docs_per_file,
+                                                       skipped=skipped):
       yield where, schemas.validate("text", {"text": document}, where)
+
+
+def skipped_records(builder: tfds.core.DatasetBuilder) -> list[dict]:
+  """The ``{"where", "reason"}`` entries of the records a prepared local dataset left out."""
+  metadata = builder.info.metadata
+  # `items()` makes TFDS's lazy metadata load `metadata.json`; `get` would not. A dataset
+  # prepared before skipping existed has no such file: nothing was skipped.
+  return list(dict(metadata.items()).get("skipped", [])) if metadata is not None else []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,10 @@ message reads ``data.jsonl:17: field 'messages[2].role': expected one of ...``.
 
 from __future__ import annotations
 
+from jaxlm.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
   """Input data that does not match what jaxlm expects.
 
   Attributes:

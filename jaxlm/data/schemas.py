@@ -20,6 +20,11 @@ known `role` and a non-empty string `content`; `system` only as the first messag
 contain at least one assistant message (else SFT has nothing to learn from it); a prompt (also
 the prompt of a preference pair) must end with a user message, since the model answers next.
 
+Preference replies: an empty or whitespace-only ``chosen`` or ``rejected`` raises naming that
+field (``field 'chosen': expected non-empty text (the chosen reply is empty)``); in the
+whole-transcript layout so does a side that ends with an assistant marker and nothing after it
+(``...\\n\\nAssistant:``, as some HH-RLHF pairs do), checked before the prompt is split off.
+
 `to_tfds_example` / `from_tfds_example` convert between records and the TFDS feature dicts of
 `tfds_features(kind)`: messages are a `Sequence` of `{role, content}` texts and `meta` is
 stored as one JSON text, so the on-disk schema stays fixed whatever the metadata holds.
@@ -51,16 +56,37 @@ def check_kind(kind: str) -> str:
   return kind
 
 
-def _nonempty_str(value: Any, where: str, field: str) -> str:
+def _nonempty_str(value: Any, where: str, field: str, what: str = "") -> str:
+  """Checks a non-blank string; `what` names it for people, e.g. "chosen reply"."""
   if not isinstance(value, str):
     raise DataError(where, f"field {field!r}: expected a string, got {type(value).__name__}")
   if not value.strip():
-    raise DataError(where, f"field {field!r}: expected non-empty text, got {value!r}")
+    if what:
+      empty = "is empty" if not value else f"is only whitespace, {_clip(value)!r}"
+      raise DataError(where, f"field {field!r}: expected non-empty text (the {what} {empty})")
+    raise DataError(where, f"field {field!r}: expected non-empty text, got {_clip(value)!r}")
   try:
     value.encode("utf-8")
   except UnicodeEncodeError as e:  # A lone surrogate, e.g. a JSON "\\ud800" escape: not storable text.
     raise DataError(where, f"field {field!r}: not valid Unicode text ({e.reason} at character {e.start})") from None
   return value
+
+
+def _clip(text: str, limit: int = 40) -> str:
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_transcript_side(text: Any, where: str, side: str) -> None:
+  """One side of a whole-transcript pair: non-blank, and not ending in an empty assistant turn.
+
+  Checked before the shared prompt is split off, so the message names the side (HH-RLHF has
+  pairs whose chosen transcript ends with "Assistant:" and nothing after it).
+  """
+  _nonempty_str(text, where, side, f"{side} reply")
+  markers = list(preference_text._MARKER.finditer(text))  # pylint: disable=protected-access
+  if markers and markers[-1].group(1).lower() == "assistant" and not text[markers[-1].end():].strip():
+    raise DataError(where, f"field {side!r}: expected non-empty text (the {side} reply is empty: the "
+                    f"transcript ends with {text[markers[-1].start():].strip()!r} and nothing after it)")
 
 
 def validate_messages(messages: Any, where: str, field: str = "messages") -> list[dict[str, str]]:
@@ -120,6 +146,8 @@ def validate(kind: str, obj: Any, where: str) -> dict[str, Any]:
   if kind == "preference" and "prompt" not in obj and isinstance(obj.get("chosen"), str) \
       and isinstance(obj.get("rejected"), str):
     # The whole-transcript layout of many public preference sets: split off the shared prompt.
+    for side in ("chosen", "rejected"):
+      _check_transcript_side(obj[side], where, side)
     prompt, chosen, rejected = preference_text.split_shared_prefix(obj["chosen"], obj["rejected"], where)
     obj = {**obj, "prompt": prompt, "chosen": chosen, "rejected": rejected}
   for field in FIELDS[kind]:
@@ -139,8 +167,8 @@ def validate(kind: str, obj: Any, where: str) -> dict[str, Any]:
     return {"prompt": prompt, "meta": _meta(obj, kind, where)}
   return {
       "prompt": prompt,
-      "chosen": _nonempty_str(obj["chosen"], where, "chosen"),
-      "rejected": _nonempty_str(obj["rejected"], where, "rejected"),
+      "chosen": _nonempty_str(obj["chosen"], where, "chosen", "chosen reply"),
+      "rejected": _nonempty_str(obj["rejected"], where, "rejected", "rejected reply"),
       "meta": _meta(obj, kind, where),
   }
 

@@ -8,8 +8,8 @@ grain worker processes.
 | source                               | records                                                       |
 |--------------------------------------|---------------------------------------------------------------|
 | `world`                              | the embedded world (`jaxlm.data.world`, configured by `world=WorldConfig(...)`), any kind, splits train/validation/test; prepared once through `builders.WorldBuilder` into `<cache_dir>/world/v<WORLD_VERSION>-<fingerprint>/` |
-| `text:<path or glob>`                | UTF-8 plain-text files, kind must be `text`: one record per blank-line block (paragraph), or per file with `docs_per_file=True` (`readers.read_text_documents`) |
-| `jsonl:<path or glob>`               | JSONL files in the schema of `kind` (`readers.read_jsonl`)    |
+| `text:<path or glob>`                | UTF-8 plain-text files (``*.gz`` gunzipped), kind must be `text`: one record per blank-line block (paragraph), or per file with `docs_per_file=True` (`readers.read_text_documents`) |
+| `jsonl:<path or glob>`               | JSONL files (``*.gz`` gunzipped) in the schema of `kind` (`readers.read_jsonl`) |
 | `tfds:<name>[/<config>][:<split>]`   | a TFDS catalog dataset *already prepared* as array_record in `tfds_data_dir` (default: TFDS's, `~/tensorflow_datasets` or `$TFDS_DATA_DIR`), mapped to `kind` with `field_map`; `:<split>` (TFDS split syntax, e.g. `train[:90%]`) replaces the stage's split |
 
 Local files (`text:`, `jsonl:`): a glob is expanded and sorted; the files are validated and
@@ -20,6 +20,34 @@ last ``ceil(n * holdout_fraction)`` records (at least one) in file order; `test`
 records as `validation` (a local source has no separate test split: pass another file as the
 eval source for one). `holdout_fraction=0` keeps every record in `train` (then `validation` and
 `test` raise).
+
+Gzip: a local file whose name ends in ``.gz`` (``harmless-base/test.jsonl.gz``) is decompressed
+while it is read (`jaxlm.data.readers`); it is hashed (its compressed bytes), cached and
+prepared like a plain file. A gzip file without the suffix, or a corrupt ``.gz``, raises
+`DataError` naming the file.
+
+Bad records (``invalid=``, local files only):
+
+* ``invalid="error"`` (the default): the first bad record raises `DataError` naming
+  ``path:line``, and nothing is written.
+* ``invalid="skip"``: a bad record is left out instead: for ``jsonl:`` a line that is not
+  valid UTF-8, not valid JSON, or fails the kind's schema; for ``text:`` a document (block, or
+  file with ``docs_per_file``) with a line that is not valid UTF-8. If more than
+  ``max_invalid_fraction`` (default 0.01) of the records read (valid + skipped; blank lines do
+  not count) were skipped, or none is valid, opening raises `DataError` naming the source, the
+  count and fraction and the first skipped places. Whole-file problems (no such file, an empty
+  file, gzip data without the ``.gz`` suffix, a corrupt gzip file) raise as with ``"error"``.
+  ``invalid="skip"`` is part of the cache key (``"error"`` is not, so its key is unchanged):
+  a file set prepared with ``"skip"`` is never read by an ``"error"`` open, which prepares
+  (and so validates) on its own and fails on the first bad record. ``max_invalid_fraction``
+  is not in the key: it is checked when preparing (before writing) and again on every open,
+  against the skipped list stored with the prepared dataset (its TFDS ``metadata.json``, see
+  `builders.skipped_records`).
+* `RecordSource.skipped` lists the skipped records as ``{"where": "path:line", "reason":
+  "..."}`` (the same after a cached open), and `RecordSource.num_read` is the number of
+  records read from the files (valid + skipped, across all splits). For ``world`` and
+  ``tfds:`` the option has no effect: ``skipped`` is ``[]`` and ``num_read`` is None
+  (``tfds:`` records are validated when indexed, and a bad one raises).
 
 `tfds:` datasets: nothing is ever downloaded at run time. The dataset is read like
 ``tfds.data_source(name, split=..., data_dir=tfds_data_dir, download=False)``, i.e. the
@@ -76,7 +104,7 @@ def parse_key_values(text: str, what: str = "field_map") -> dict[str, str]:
   for item in filter(None, (part.strip() for part in text.split(","))):
     key, _, value = (part.strip() for part in item.partition("="))
     if item.count("=") != 1 or not key or not value:
-      raise ValueError(f"{what}: expected key=value pairs separated by commas, got {item!r}")
+      raise DataError("", f"{what}: expected key=value pairs separated by commas, got {item!r}")
     pairs[key] = value
   return pairs
 
@@ -95,15 +123,21 @@ class RecordSource:
       ``"tfds:imdb_reviews/plain_text:1.0.0[train]"``.
     kind: the record kind.
     split: the split the stage asked for (a local `test` reads `validation`, see the module doc).
+    skipped: the records left out with ``invalid="skip"``, ``{"where": "path:line", "reason":
+      ...}`` each, in file order; ``[]`` otherwise (always for ``world`` and ``tfds:``).
+    num_read: for local files, the records read (valid + skipped, all splits); else None.
   """
 
-  def __init__(self, data: Any, convert: Any, *, kind: str, split: str, description: str):
+  def __init__(self, data: Any, convert: Any, *, kind: str, split: str, description: str,
+               skipped: Sequence[dict] = (), num_read: int | None = None):
     self._data = data
     self._convert = convert
     self._len = len(data)
     self.kind = kind
     self.split = split
     self.description = description
+    self.skipped = list(skipped)
+    self.num_read = num_read
 
   def __len__(self) -> int:
     return self._len
@@ -157,7 +191,8 @@ class _FromOwnSchema:
 def open_source(source: str, kind: str, split: str, *, cache_dir: str | None = None,
                 world: "WorldConfig | None" = None, field_map: Mapping[str, str] | None = None,
                 tfds_data_dir: str | None = None, holdout_fraction: float = 0.1,
-                docs_per_file: bool = False) -> RecordSource:
+                docs_per_file: bool = False, invalid: str = "error",
+                max_invalid_fraction: float = 0.01) -> RecordSource:
   """Opens `source` (see the module docstring) as records of `kind` in `split`.
 
   Args:
@@ -172,39 +207,45 @@ def open_source(source: str, kind: str, split: str, *, cache_dir: str | None = N
     tfds_data_dir: for ``tfds:``, the TFDS data dir holding the prepared dataset.
     holdout_fraction: for local files, the fraction of records (the tail) held out as validation.
     docs_per_file: for ``text:``, one document per file instead of per blank-line block.
+    invalid: for local files, ``"error"`` (raise at the first bad record) or ``"skip"`` (leave
+      bad records out, listed in `RecordSource.skipped`); see the module docstring.
+    max_invalid_fraction: with ``invalid="skip"``, the largest fraction (in [0, 1]) of the
+      records read that may be skipped; more raises `DataError`.
 
   Raises:
     ValueError: a malformed source string, a kind it cannot give, a bad split or option.
     DataError: bad or missing data (naming the file and line, or the dataset).
   """
   schemas.check_kind(kind)
+  readers.check_invalid_options(invalid, max_invalid_fraction)
   if not isinstance(source, str) or not source.strip():
-    raise ValueError(f"expected a source string ({', '.join(PREFIXES)}...), got {source!r}")
+    raise DataError("", f"expected a source string ({', '.join(PREFIXES)}...), got {source!r}")
   source = source.strip()
   cache_dir = os.path.abspath(os.path.expanduser(cache_dir or DEFAULT_CACHE_DIR))
   prefix, sep, rest = source.partition(":")
   if prefix == "world":
     if sep:
-      raise ValueError(f"source {source!r}: 'world' takes no argument; configure it with world=WorldConfig(...)")
+      raise DataError("", f"source {source!r}: 'world' takes no argument; configure it with world=WorldConfig(...)")
     _check_split(source, split)
     return _open_world(kind, split, cache_dir, world)
   if prefix in ("text", "jsonl") and sep:
     if not rest.strip():
-      raise ValueError(f"source {source!r}: expected a file path or glob after {prefix + ':'!r}")
+      raise DataError("", f"source {source!r}: expected a file path or glob after {prefix + ':'!r}")
     if prefix == "text" and kind != "text":
-      raise ValueError(f"source {source!r}: plain-text files give 'text' records, but this stage needs {kind!r} "
+      raise DataError("", f"source {source!r}: plain-text files give 'text' records, but this stage needs {kind!r} "
                        f"records; use 'jsonl:<path>' with {kind} records (see jaxlm.data.schemas)")
     _check_split(source, split)
-    return _open_local(source, prefix, rest.strip(), kind, split, cache_dir, holdout_fraction, docs_per_file)
+    return _open_local(source, prefix, rest.strip(), kind, split, cache_dir, holdout_fraction, docs_per_file,
+                       invalid, max_invalid_fraction)
   if prefix == "tfds" and sep:
     return _open_tfds(source, rest.strip(), kind, split, field_map, tfds_data_dir)
-  raise ValueError(f"unknown source {source!r}: expected 'world', 'text:<path or glob>', 'jsonl:<path or glob>' "
+  raise DataError("", f"unknown source {source!r}: expected 'world', 'text:<path or glob>', 'jsonl:<path or glob>' "
                    "or 'tfds:<name>[/<config>][:<split>]'")
 
 
 def _check_split(source: str, split: str) -> None:
   if split not in SPLITS:
-    raise ValueError(f"source {source!r}: unknown split {split!r}; expected one of {SPLITS}")
+    raise DataError("", f"source {source!r}: unknown split {split!r}; expected one of {SPLITS}")
 
 
 def _open_world(kind: str, split: str, cache_dir: str, world: Any) -> RecordSource:
@@ -227,7 +268,8 @@ def _open_world(kind: str, split: str, cache_dir: str, world: Any) -> RecordSour
 
 
 def _open_local(source: str, reader: str, pattern: str, kind: str, split: str, cache_dir: str,
-                holdout_fraction: float, docs_per_file: bool) -> RecordSource:
+                holdout_fraction: float, docs_per_file: bool, invalid: str,
+                max_invalid_fraction: float) -> RecordSource:
   from jaxlm.data import builders
 
   builders.holdout_sizes(2, holdout_fraction)  # ValueError for a fraction out of range.
@@ -235,25 +277,33 @@ def _open_local(source: str, reader: str, pattern: str, kind: str, split: str, c
   options: dict[str, Any] = {"holdout_fraction": holdout_fraction}
   if reader == "text":
     options["docs_per_file"] = bool(docs_per_file)
+  if invalid != "error":
+    # Only "skip" is keyed, so "error" keeps the keys of datasets prepared before this option.
+    # The fraction is not keyed: it does not change what is written, and is checked per open.
+    options["invalid"] = invalid
   key = builders.local_key(reader, kind, paths, options)
   data_dir = os.path.join(cache_dir, "local", f"{reader}-{kind}-{key[:16]}")
   name = f"{source}@{key[:12]}"
 
   def make():
-    common = dict(paths=paths, kind=kind, holdout_fraction=holdout_fraction, source=source,
-                  data_dir=data_dir, file_format=builders.FILE_FORMAT)
+    common = dict(paths=paths, kind=kind, holdout_fraction=holdout_fraction, source=source, invalid=invalid,
+                  max_invalid_fraction=max_invalid_fraction, data_dir=data_dir, file_format=builders.FILE_FORMAT)
     if reader == "text":
       return builders.LocalTextBuilder(docs_per_file=bool(docs_per_file), **common)
     return builders.LocalJsonlBuilder(**common)
 
   builder = builders.prepare(make, what=name)
+  skipped = builders.skipped_records(builder)
+  num_valid = sum(info.num_examples for info in builder.info.splits.values())
+  # Again on a cached open: the dataset may have been prepared with a larger fraction.
+  readers.check_invalid_fraction(source, num_valid, skipped, max_invalid_fraction)
   stored_split = "validation" if split == "test" else split
   if stored_split not in builder.info.splits:
     raise DataError(source, f"no {split!r} split: holdout_fraction=0 keeps every record in 'train'; "
                     "pass holdout_fraction > 0 or a separate eval source")
   label = split if split == stored_split else f"{split}=validation"
   return RecordSource(builder.as_data_source(split=stored_split), _FromOwnSchema(kind), kind=kind, split=split,
-                      description=f"{name}[{label}]")
+                      description=f"{name}[{label}]", skipped=skipped, num_read=num_valid + len(skipped))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +390,7 @@ def _open_tfds(source: str, spec: str, kind: str, split: str, field_map: Mapping
   name, _, split_override = spec.partition(":")
   name = name.strip()
   if not name:
-    raise ValueError(f"source {source!r}: expected 'tfds:<name>[/<config>][:<split>]'")
+    raise DataError("", f"source {source!r}: expected 'tfds:<name>[/<config>][:<split>]'")
   read_split = split_override.strip() or split
   data_dir = os.path.abspath(os.path.expanduser(tfds_data_dir)) if tfds_data_dir else None
   where = f"tfds:{name}"
@@ -348,7 +398,7 @@ def _open_tfds(source: str, spec: str, kind: str, split: str, field_map: Mapping
   allowed = set(schemas.FIELDS[kind]) | ({"meta"} if kind != "text" else set())
   unknown = sorted(set(field_map) - allowed)
   if unknown:
-    raise ValueError(f"field_map: {unknown} are not fields of a {kind} record (fields: {sorted(allowed)})")
+    raise DataError("", f"field_map: {unknown} are not fields of a {kind} record (fields: {sorted(allowed)})")
 
   try:
     builder = tfds.builder(name, data_dir=data_dir)
