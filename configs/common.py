@@ -49,6 +49,11 @@ def data_config(source: str = "world") -> config_dict.ConfigDict:
       holdout_fraction=0.1,   # local files: the last 10% of records are the validation split
       docs_per_file=False,    # text: one document per file instead of per blank-line block
       num_threads=2,          # grain reader threads: tokenisation overlaps the train step
+      # A local JSONL record that fails to parse or validate: "error" stops the run naming its
+      # file:line; "skip" leaves it out, lists it in <workdir>/skipped.jsonl and counts it in the
+      # manifest, and the run still fails if more than max_invalid_fraction of the records are bad.
+      invalid="error",
+      max_invalid_fraction=0.01,
   ))
 
 

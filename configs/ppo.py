@@ -68,6 +68,10 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.reward = config_dict.ConfigDict(dict(
       normalize=True,             # (r - mean) / std with the reward run's reward_stats.json
       no_end_penalty=1.0,         # subtracted from the score of a reply that never ends its turn
+      # Normalised scores are clipped to [-clip, clip] (OpenRLHF's reward_clip_range): a reward
+      # model that barely separates replies has a tiny std, and one odd reply must not swamp the
+      # batch's advantages. 0 turns it off.
+      clip=10.0,
   ))
   c.alarms = config_dict.ConfigDict(dict(
       min_kl=-1.0,                # mean KL per reply below this: the estimate has gone wrong

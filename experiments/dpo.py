@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import logging
 import os
 import time
 
-from absl import app
-from absl import flags
 import jax
 import numpy as np
-from ml_collections import config_flags
 
 from jaxlm import checkpoint
+from jaxlm import cli
+from jaxlm import config_checks
+from jaxlm import errors
 from jaxlm import dpo
 from jaxlm import files
 from jaxlm import metrics as metrics_lib
@@ -40,28 +41,26 @@ from jaxlm import trainer
 from jaxlm import training
 from jaxlm.data import pipelines
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
-flags.mark_flags_as_required(["config", "workdir"])
+cli.define_flags()
+# The stages each parent key accepts (read from the parent's manifest before anything runs).
+PARENTS = {"init_from": ("sft", "dpo"), "eval.judge": ("reward",)}
 
 REFERENCE_FILE = "reference_logps.npy"
 
 
 def check_config(config) -> trainer.LoopConfig:
-  """Catches settings that would silently misbehave; returns the loop's schedule."""
+  """Every config value, before anything is written; returns the loop's schedule."""
+  config_checks.check_common(config)
   if not config.init_from:
-    raise ValueError("config.init_from is required: the SFT run directory (policy start and "
-                     "reference), e.g. --config.init_from=runs/sft")
-  if config.loss.name not in dpo.LOSSES:
-    raise ValueError(f"config.loss.name={config.loss.name!r}: expected one of {sorted(dpo.LOSSES)}")
-  if not config.loss.beta > 0:
-    raise ValueError(f"config.loss.beta={config.loss.beta} must be > 0")
+    raise errors.ConfigError("init_from", "required: the SFT run directory (policy start and "
+                             "reference), e.g. --config.init_from=runs/sft")
+  config_checks.one_of(config, "loss.name", sorted(dpo.LOSSES))
+  config_checks.number_in(config, "loss.beta", 0.0, float("inf"), low_open=True, high_open=True)
+  config_checks.number_in(config, "loss.label_smoothing", 0.0, 0.5, high_open=True)
   loop = trainer.LoopConfig.from_config(config)
-  if config.seq_len > config.model.max_len:
-    raise ValueError(f"config.seq_len={config.seq_len} exceeds config.model.max_len={config.model.max_len}")
-  if not 0 < config.score_len < config.seq_len:
-    raise ValueError(f"config.score_len={config.score_len} must be in (0, config.seq_len={config.seq_len}): "
-                     "both responses together, within the pair's row")
+  if not config.score_len < config.seq_len:
+    raise errors.ConfigError("score_len", f"{config.score_len} must be below config.seq_len={config.seq_len}: "
+                             "both responses together, within the pair's row")
   return loop
 
 
@@ -74,15 +73,22 @@ def reference_table(run: checkpoint.RunDir, reference_params, model_config, sour
   run trains on and no other (one forward pass per training pair, like the online mode, but
   before training; afterwards the reference is not needed on the device). Pairs not covered are
   NaN, and looking one up is an error. Written atomically: an interrupted computation is redone.
+  A sidecar JSON records what decides which pairs the table covers (total_steps and the data
+  arguments): a run resumed with another `total_steps` (`--resume_changes`) recomputes it.
   """
   # Each process looks up only the pairs of its own data shard, so each keeps its own table.
   name = REFERENCE_FILE if jax.process_count() == 1 else f"reference_logps.{jax.process_index()}.npy"
   path = os.path.join(run.workdir, name)
-  if os.path.exists(path):
+  covers = {"source": source.description, "total_steps": config.total_steps,
+            **{k: v for k, v in data_args.items() if k != "shard"}}
+  covers = json.loads(json.dumps(covers, default=str))
+  if os.path.exists(path) and os.path.exists(f"{path}.json"):
     table = np.load(path)
-    if table.shape == (len(source), 2):
+    with open(f"{path}.json") as f:
+      recorded = json.load(f)
+    if table.shape == (len(source), 2) and recorded == covers:
       return table
-    logging.warning("%s has shape %s, expected (%d, 2): recomputing", path, table.shape, len(source))
+    logging.warning("%s was computed for other pairs (%s, not %s): recomputing", path, recorded, covers)
   start = time.perf_counter()
   pairs = iter(pipelines.pairs_dataset(source, tok, num_threads=config.data.num_threads, **data_args))
   table = dpo.precompute_reference(reference_params, model_config,
@@ -90,6 +96,7 @@ def reference_table(run: checkpoint.RunDir, reference_params, model_config, sour
   buffer = io.BytesIO()
   np.save(buffer, table)
   files.atomic_write(path, buffer.getvalue())
+  files.atomic_write(f"{path}.json", json.dumps(covers) + "\n")  # Last: a table without it is redone.
   logging.info("reference log-probs of %d training pairs precomputed in %.1fs", int(np.isfinite(table[:, 0]).sum()),
                time.perf_counter() - start)
   return table
@@ -97,8 +104,9 @@ def reference_table(run: checkpoint.RunDir, reference_params, model_config, sour
 
 def main(argv) -> None:
   del argv
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir = cli.config(), cli.workdir()
   loop = check_config(config)
+  stage.check_parents(config, PARENTS)
   stage.quiet_library_logs()
   session_start = time.perf_counter()
 
@@ -107,7 +115,11 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   mesh = stage.setup_mesh(config.mesh)
   rules = sharding.DEFAULT_RULES
-  run = stage.open_run(config, workdir)
+  # A foreign workdir or a changed config first, then the data: both before the workdir is touched.
+  stage.check_run(config, workdir, resume_changes=cli.resume_changes())
+  train_source = stage.open_split(config, "preference", "train")
+  valid_source = stage.open_split(config, "preference", "validation")
+  run = stage.open_run(config, workdir, resume_changes=cli.resume_changes())
   tok = stage.child_tokenizer(config, run)
   model_config = stage.model_config(config.model, vocab_size=tok.vocab_size)
 
@@ -124,8 +136,6 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   # Data: pairs with the reference log-probs attached; held-out pairs and prompts.
   # ----------------------------------------------------------------------------------------------
-  train_source = stage.open_split(config, "preference", "train")
-  valid_source = stage.open_split(config, "preference", "validation")
   shard = pipelines.HostShard.from_jax()
   host_batch = stage.per_host_batch_size(config.batch_size)
   data_args = dict(max_len=config.seq_len, score_len=config.score_len, layout="shared", batch_size=host_batch,
@@ -160,6 +170,8 @@ def main(argv) -> None:
                      data_source=train_source.description, model_config=model_config,
                      extra={"num_params": model_lib.num_params(model_config), "loss": config.loss.name,
                             "beta": config.loss.beta})
+  data_counts = stage.account_for_data(run, tok, {"train": ("pairs", train_source, data_args),
+                                                  "validation": ("pairs", valid_source, data_args)})
 
   # ----------------------------------------------------------------------------------------------
   # The update step and the evaluations.
@@ -173,10 +185,12 @@ def main(argv) -> None:
   eval_batches = [training.shard_batch(b, mesh, rules) for b in valid_batches]
   writer = metrics_lib.MetricWriter(run.workdir)
   writer.resume(int(state.step))
+  writer.write(int(state.step), data_counts)
 
   def run_eval(state: training.TrainState, step: int) -> dict[str, float]:
     pairs_metrics = training.evaluate(eval_step, state.params, eval_batches)
     result = {f"val_{k}": v for k, v in pairs_metrics.items() if k not in ("perplexity", "tokens")}
+    result["val_num_pairs"] = int(pairs_metrics["tokens"])  # The loss's count is the number of pairs.
     generated, rows = evaluator(state.params)
     result.update(generated)
     trainer.log_eval(writer, step, result)
@@ -206,4 +220,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -16,7 +16,16 @@ its output streamed line by line behind a `[stage]` prefix:
   DIR/dpo       ... --config.init_from=DIR/sft
 
 then the stage's `--override <stage>.<key>=<value>` flags as `--config.<key>=<value>` (last, so
-they win; a key the config lacks is the stage's error, as it is by hand).
+they win).
+
+Before the first stage starts, every stage to run is checked in this process, in a few seconds:
+its config is built from its preset and overrides exactly as its command line would build it (a
+key typo names the closest keys), its `check_config` validates every value, the parents it names
+that exist already are of the stages it accepts, and an unfinished stage's run directory is of
+that stage and was started with the same config (`--resume_changes sft.total_steps` lets one
+key change, as the stage's `--resume_changes` does). A problem is one `error:` line and exit
+status 2, with no stage run. The pipeline holds a lock on DIR for its whole life
+(`jaxlm/workdir_lock.py`): a second pipeline on the same DIR is refused at once.
 
 Re-running the same command skips complete stages (manifest.json `complete`) and resumes an
 interrupted one from its latest checkpoint (a trainer resumes by itself in the same workdir).
@@ -45,6 +54,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import importlib
 import json
 import os
 import signal
@@ -53,6 +63,7 @@ import sys
 import time
 from typing import Any
 
+from jaxlm import errors
 from jaxlm import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,8 +78,12 @@ PARENTS = {
 }
 
 
-class PipelineError(Exception):
-  """A problem the user can fix; printed as one line, exit status 1."""
+class PipelineError(errors.UserError):
+  """A problem the user can fix; printed as one `error:` line, exit status 2 (`errors.EXIT_USER_ERROR`)."""
+
+
+class StageFailed(PipelineError):
+  """A stage exited non-zero (its own output says why); the pipeline exits with status 1."""
 
 
 def log(message: str) -> None:
@@ -117,6 +132,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--stages", default="", help="Comma-separated subset, e.g. sft,dpo (default: all).")
   parser.add_argument("--override", action="append", default=[], metavar="STAGE.KEY=VALUE",
                       help="A config override for one stage, e.g. dpo.loss.beta=0.2 (repeatable).")
+  parser.add_argument("--resume_changes", action="append", default=[], metavar="STAGE.KEY",
+                      help="A config key an unfinished stage may resume with changed, e.g. sft.total_steps "
+                           "(repeatable; passed to the stage as --resume_changes).")
+  parser.add_argument("--debug", action="store_true", help="Show the traceback of user errors too.")
   parser.add_argument("--no_report", action="store_true", help="Do not rebuild report.md at the end.")
   parser.add_argument("--compilation_cache", default=None, metavar="PATH",
                       help="Persistent XLA compilation cache shared by the stages (default: "
@@ -157,11 +176,58 @@ def plan(stages: list[str], workdir: str) -> list[tuple[str, str]]:
   return actions
 
 
-def stage_command(stage: str, workdir: str, preset: str, overrides: list[str]) -> list[str]:
-  """The stage's command line: config preset, run directory, parents, then the user's overrides."""
+def parse_resume_changes(items: list[str]) -> dict[str, list[str]]:
+  """["sft.total_steps", ...] -> {"sft": ["total_steps"], ...}."""
+  out: dict[str, list[str]] = {}
+  for item in items:
+    stage, dot, key = item.partition(".")
+    if stage not in STAGES or not dot or not key:
+      raise PipelineError(f"--resume_changes {item!r}: expected <stage>.<config key> with a stage of "
+                          f"{', '.join(STAGES)}, e.g. sft.total_steps")
+    out.setdefault(stage, []).append(key)
+  return out
+
+
+def config_overrides(stage: str, workdir: str, overrides: list[str]) -> list[str]:
+  """The stage's --config flags after the preset: its parents' directories, then the user's overrides."""
   parents = [f"--config.{key}={stage_dir(workdir, parent)}" for key, parent in PARENTS[stage].items()]
+  return [*parents, *overrides]
+
+
+def stage_command(stage: str, workdir: str, preset: str, overrides: list[str],
+                  resume_changes: list[str] = ()) -> list[str]:
+  """The stage's command line: config preset, run directory, parents, then the user's overrides."""
+  extra = [f"--resume_changes={','.join(resume_changes)}"] if resume_changes else []
   return [sys.executable, "-m", f"experiments.{stage}", f"--config=configs/{stage}.py:{preset}",
-          f"--workdir={stage_dir(workdir, stage)}", *parents, *overrides]
+          f"--workdir={stage_dir(workdir, stage)}", *config_overrides(stage, workdir, overrides), *extra]
+
+
+def preflight(actions: list[tuple[str, str]], workdir: str, preset: str, overrides: dict[str, list[str]],
+              resume_changes: dict[str, list[str]]) -> None:
+  """Checks every stage to run before the first one starts (see the module docstring).
+
+  Raises `errors.UserError` (a config key or value, a parent, a run directory) naming the stage.
+  """
+  from jaxlm import cli  # Deferred: these import JAX, which the plan and the report do not need.
+  from jaxlm import resume
+  from jaxlm import stage as stage_lib
+
+  to_run = [s for s, action in actions if action == "run"]
+  produced = [stage_dir(workdir, s) for s in to_run]
+  for name in to_run:
+    module = importlib.import_module(f"experiments.{name}")
+    try:
+      config = cli.load_config(f"configs/{name}.py:{preset}", config_overrides(name, workdir, overrides.get(name, [])))
+      module.check_config(config)
+      stage_lib.check_parents(config, module.PARENTS, produced=produced)
+      run_dir = stage_dir(workdir, name)
+      stage_lib.check_workdir(run_dir, name)
+      config_path = os.path.join(run_dir, "config.json")
+      if os.path.exists(config_path) and resume.has_checkpoint(run_dir):
+        with open(config_path) as f:
+          resume.check(run_dir, json.load(f), config, resume_changes.get(name, []))
+    except errors.UserError as e:
+      raise PipelineError(f"stage {name}: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,8 +340,8 @@ def run_stage(stage: str, command: list[str], record: Record, forwarder: Forward
   if code != 0:
     how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
     record.update(stage, status="failed", exit_code=code, wall_s=wall, pid=None, note=f"failed: {how}")
-    raise PipelineError(f"stage {stage} failed ({how}) after {elapsed:.0f}s; its output is above "
-                        f"(prefixed [{stage}]); fix it and re-run to resume")
+    raise StageFailed(f"stage {stage} failed ({how}) after {elapsed:.0f}s; its output is above "
+                      f"(prefixed [{stage}]); fix it and re-run to resume")
   if not is_complete(workdir, stage):
     record.update(stage, status="interrupted", exit_code=0, wall_s=wall, pid=None,
                   note="stopped by a signal: re-run to resume")
@@ -303,9 +369,14 @@ def execute(args: argparse.Namespace, record: Record, forwarder: Forwarder) -> s
   """Runs the plan; returns the final status ("complete" or "interrupted")."""
   workdir = record.data["workdir"]
   overrides = parse_overrides(args.override)
+  resume_changes = parse_resume_changes(args.resume_changes)
   stages = parse_stages(args.stages)
   actions = plan(stages, workdir)
   cache_dir = compilation_cache_dir(args.compilation_cache, workdir)
+  start = time.perf_counter()
+  preflight(actions, workdir, args.preset, overrides, resume_changes)
+  log(f"checked the config of {', '.join(s for s, a in actions if a == 'run') or 'no stage'} "
+      f"in {time.perf_counter() - start:.1f}s")
   for stage in sorted(set(overrides) - {s for s, _ in actions}, key=STAGES.index):
     log(f"--override for {stage} ignored: {stage} is not in --stages ({', '.join(overrides[stage])})")
   ran = set()
@@ -330,7 +401,8 @@ def execute(args: argparse.Namespace, record: Record, forwarder: Forwarder) -> s
       record.update(stage, status="complete", note="complete: skipped")
     else:
       record.update(stage, preset=args.preset, overrides=overrides.get(stage, []))
-      run_stage(stage, stage_command(stage, workdir, args.preset, overrides.get(stage, [])),
+      run_stage(stage, stage_command(stage, workdir, args.preset, overrides.get(stage, []),
+                                     resume_changes.get(stage, [])),
                 record, forwarder, workdir, cache_dir)
       ran.add(stage)
       if forwarder.received is not None:
@@ -341,20 +413,29 @@ def execute(args: argparse.Namespace, record: Record, forwarder: Forwarder) -> s
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   workdir = os.path.abspath(args.workdir)
-  os.makedirs(workdir, exist_ok=True)
+  from jaxlm import workdir_lock  # Only the lock: the stages' modules are imported by `preflight`.
+
+  try:
+    lock = workdir_lock.WorkdirLock(workdir).acquire()  # Released when the process exits.
+  except errors.UserError as e:
+    errors.report(str(e))
+    return errors.EXIT_USER_ERROR
   record = Record(workdir, args.preset)
   forwarder = Forwarder()
   handlers = {signum: signal.signal(signum, forwarder) for signum in (signal.SIGINT, signal.SIGTERM)}
   try:
     status = execute(args, record, forwarder)
-  except PipelineError as e:
+  except errors.UserError as e:
     record.finish("failed")
     summary(record, [s for s in STAGES if s in record.data["stages"]])
-    log(f"error: {e}")
-    return 1
+    if args.debug or errors.debug_enabled():
+      raise
+    errors.report(str(e))
+    return errors.EXIT_USER_ERROR if not isinstance(e, StageFailed) else 1
   finally:
     for signum, handler in handlers.items():
       signal.signal(signum, handler)
+    lock.release()
   record.finish(status)
   summary(record, [s for s in STAGES if s in record.data["stages"]])
   if status == "interrupted":

@@ -29,17 +29,16 @@ import functools
 import json
 import logging
 import os
-import sys
 import time
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import config_flags
 
 from jaxlm import checkpoint
+from jaxlm import cli
+from jaxlm import config_checks
+from jaxlm import errors
 from jaxlm import kl_control
 from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
@@ -55,32 +54,46 @@ from jaxlm.data import pipelines
 from jaxlm.data import world_reward
 from jaxlm.tokenizer import END_OF_TURN_ID, EOS_ID
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
-flags.mark_flags_as_required(["config", "workdir"])
+cli.define_flags()
+# The stages each parent key accepts (read from the parent's manifest before anything runs).
+PARENTS = {"init_from": ("sft", "dpo"), "reward_from": ("reward",), "eval.judge": ("reward",)}
 
 STATS_FILE = "reward_stats.json"  # written by experiments/reward.py
 
 
 def check_config(config) -> None:
-  """Catches settings that would silently misbehave."""
+  """Every config value, before anything is written."""
+  config_checks.check_common(config)
   if not config.init_from:
-    raise ValueError("config.init_from is required: the SFT run directory (--config.init_from=runs/sft)")
+    raise errors.ConfigError("init_from", "required: the SFT run directory (--config.init_from=runs/sft)")
   if not config.reward_from:
-    raise ValueError("config.reward_from is required: a reward-model run directory, or 'gold' for the "
-                     "world's gold reward as an oracle")
-  if config.value_from not in ("reward", "sft"):
-    raise ValueError(f"config.value_from must be reward or sft, got {config.value_from!r}")
+    raise errors.ConfigError("reward_from", "required: a reward-model run directory, or 'gold' for the "
+                             "world's gold reward as an oracle")
+  config_checks.one_of(config, "value_from", ("reward", "sft"))
   if config.value_from == "reward" and config.reward_from == "gold":
-    raise ValueError("config.value_from=reward needs a reward model; with reward_from=gold use value_from=sft")
+    raise errors.ConfigError("value_from", "'reward' needs a reward model; with reward_from=gold use value_from=sft")
+  if config.reward_from == "gold" and config.data.source != "world":
+    raise errors.ConfigError("reward_from", f"'gold' is the embedded world's reward, but config.data.source="
+                             f"{config.data.source!r}; name a reward-model run directory")
+  for key in ("ppo.ppo_epochs", "ppo.num_minibatches"):
+    config_checks.positive_int(config, key)
   if config.rollout_batch % config.ppo.num_minibatches:
-    raise ValueError(f"config.rollout_batch={config.rollout_batch} must split into "
-                     f"config.ppo.num_minibatches={config.ppo.num_minibatches}")
+    raise errors.ConfigError("rollout_batch", f"{config.rollout_batch} must split into "
+                             f"config.ppo.num_minibatches={config.ppo.num_minibatches}")
   if config.max_prompt_len + config.max_new_tokens > config.model.max_len:
-    raise ValueError(f"max_prompt_len + max_new_tokens = {config.max_prompt_len + config.max_new_tokens} "
-                     f"exceeds config.model.max_len={config.model.max_len}")
-  if config.alarms.action not in ("stop", "flag"):
-    raise ValueError(f"config.alarms.action must be stop or flag, got {config.alarms.action!r}")
+    raise errors.ConfigError("max_new_tokens", f"max_prompt_len + max_new_tokens = "
+                             f"{config.max_prompt_len + config.max_new_tokens} exceeds config.model.max_len="
+                             f"{config.model.max_len}")
+  config_checks.one_of(config, "alarms.action", ("stop", "flag"))
+  config_checks.one_of(config, "ppo.kl_estimator", ("k1", "k3"))
+  config_checks.number_in(config, "ppo.clip_eps", 0.0, 1.0, low_open=True)
+  config_checks.number_in(config, "ppo.temperature", 0.0, float("inf"), low_open=True, high_open=True)
+  config_checks.number_in(config, "kl.coef", 0.0, float("inf"), high_open=True)
+  config_checks.number_in(config, "reward.clip", 0.0, float("inf"), high_open=True)
+  try:
+    ppo_lib.PPOConfig(**dict(config.ppo))
+  except (TypeError, ValueError) as e:
+    raise errors.ConfigError("ppo", str(e)) from None
 
 
 def reward_statistics(config) -> tuple[float, float]:
@@ -89,9 +102,12 @@ def reward_statistics(config) -> tuple[float, float]:
     return 0.0, 1.0
   path = os.path.join(config.reward_from, STATS_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: the reward run did not finish (it writes its statistics "
+    raise errors.MissingError(f"{path} not found: the reward run did not finish (it writes its statistics "
                             "last), or set --config.reward.normalize=false")
   stats = json.loads(open(path).read())
+  if int(stats.get("num_samples", 0)) < 32:
+    logging.warning("%s: reward statistics from only %s samples (std %.4g); normalised rewards may be noisy "
+                    "(raise the reward stage's config.stats.num_prompts)", path, stats.get("num_samples"), stats["std"])
   return float(stats["mean"]), max(float(stats["std"]), 1e-6)
 
 
@@ -111,8 +127,9 @@ def gold_rewards(records, texts, ended) -> np.ndarray:
 
 def main(argv) -> None:
   del argv
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir = cli.config(), cli.workdir()
   check_config(config)
+  stage.check_parents(config, PARENTS)
   stage.quiet_library_logs()
   session_start = time.perf_counter()
   ppo = ppo_lib.PPOConfig(**dict(config.ppo))
@@ -122,7 +139,10 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   mesh = stage.setup_mesh(config.mesh)
   rules = sharding.DEFAULT_RULES
-  run = stage.open_run(config, workdir)
+  # A foreign workdir or a changed config first, then the data: both before the workdir is touched.
+  stage.check_run(config, workdir, resume_changes=cli.resume_changes())
+  prompt_source = stage.open_split(config, "prompt", "train")
+  run = stage.open_run(config, workdir, resume_changes=cli.resume_changes())
   tok = stage.child_tokenizer(config, run)
   model_config = stage.model_config(config.model, vocab_size=tok.vocab_size)
 
@@ -141,7 +161,7 @@ def main(argv) -> None:
     reward_run = checkpoint.load_parent(config.reward_from, expect_tokenizer_hash=tok.content_hash,
                                         expect_model_config=model_config)
     if reward_run.manifest.get("stage") != "reward":
-      raise ValueError(f"config.reward_from={config.reward_from!r} is a {reward_run.manifest.get('stage')!r} "
+      raise errors.ParentError(f"config.reward_from={config.reward_from!r} is a {reward_run.manifest.get('stage')!r} "
                        "run, not a reward model")
     value_abstract_params = training.abstract_train_state(
         value_init, _tx(config.value_optimizer, config, value_init), mesh, rules).params
@@ -170,7 +190,6 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   # Data: training prompts (resumable), held-out prompts for the shared evaluation.
   # ----------------------------------------------------------------------------------------------
-  prompt_source = stage.open_split(config, "prompt", "train")
   host_batch = stage.per_host_batch_size(config.rollout_batch)
   prompt_iter = iter(pipelines.prompts_dataset(prompt_source, tok, max_prompt_len=config.max_prompt_len,
                                                batch_size=host_batch, seed=config.seed,
@@ -182,6 +201,8 @@ def main(argv) -> None:
                      data_source=prompt_source.description, model_config=model_config,
                      extra={"num_params": model_lib.num_params(model_config), "reward_from": config.reward_from,
                             "value_from": config.value_from, "role_memory_bytes": ppo_lib.role_memory(model_config)})
+  data_counts = stage.account_for_data(run, tok, {"train": ("prompts", prompt_source,
+                                                            dict(max_prompt_len=config.max_prompt_len))})
   evaluator = policy_eval.PolicyEvaluator(
       reference_params, model_config, tok, stage.eval_prompts(config), max_new_tokens=config.eval.max_new_tokens,
       rng=jax.random.key(config.seed), sampling=sampling.SamplingConfig(temperature=config.eval.temperature),
@@ -194,6 +215,7 @@ def main(argv) -> None:
                                mesh=mesh, rules=rules)
   writer = metrics_lib.MetricWriter(run.workdir)
   writer.resume(int(state.step))
+  writer.write(int(state.step), data_counts)
 
   def run_eval(state, iteration: int) -> dict[str, float]:
     result, rows = evaluator(state.params)
@@ -223,6 +245,8 @@ def main(argv) -> None:
     if reward_params is not None:
       raw = np.asarray(jax.device_get(scored["score"]), np.float64)
       score = (raw - reward_mean) / reward_std
+      if config.reward.clip:
+        score = np.clip(score, -config.reward.clip, config.reward.clip)
     else:
       raw = score = np.nan_to_num(gold)
     score = score - config.reward.no_end_penalty * (~ended)
@@ -249,14 +273,9 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   controller = kl_controller(config, float(state.kl_coef))
   iteration = int(state.step)
-  last_saved = ckpt.latest_step()
-
-  def save(step: int) -> None:
-    if not checkpoint.all_finite(state.params) or not checkpoint.all_finite(state.value.params):
-      raise FloatingPointError(f"parameters are not finite at iteration {step}; the last good checkpoint "
-                               f"(iteration {ckpt.latest_step()}) is kept")
-    ckpt.save(step, state, data_state=prompt_iter.get_state())
-    run.update_manifest(wall_time_s=time.perf_counter() - session_start)
+  keeper = trainer.Safekeeping(ckpt=ckpt, run=run, data_iter=prompt_iter, writer=writer, session_start=session_start,
+                               trees_to_check=lambda state: [state.params, state.value.params])
+  timer = IterationTimer(iteration, config.total_steps)
 
   with preemption.PreemptionGuard() as guard:
     while iteration < config.total_steps:
@@ -267,11 +286,11 @@ def main(argv) -> None:
                                                    state.kl_coef.sharding))
       alarm = ppo_lib.kl_alarm(metrics["kl"], min_kl=config.alarms.min_kl, max_kl=config.alarms.max_kl)
       metrics["alarm"] = float(alarm is not None)
-      metrics_lib.check_finite(metrics, first_step=iteration, last_step=iteration,
-                               checkpoint=None if last_saved is None else os.path.join(ckpt.directory, str(last_saved)))
+      keeper.check_metrics(metrics, first_step=iteration, last_step=iteration)
       writer.write(iteration, metrics)
+      eta = timer.update(iteration)
       if iteration % config.log_every == 0 or iteration == config.total_steps:
-        logging.info("iteration %d/%d: %s", iteration, config.total_steps, ppo_lib.format_metrics(metrics))
+        logging.info("iteration %d/%d: %s | %s", iteration, config.total_steps, ppo_lib.format_metrics(metrics), eta)
       if alarm is not None:
         logging.warning("alarm at iteration %d: %s", iteration, alarm)
         if config.alarms.action == "stop":
@@ -282,15 +301,8 @@ def main(argv) -> None:
       if iteration % config.eval_every == 0 and iteration < config.total_steps:
         run_eval(state, iteration)
       if iteration % config.checkpoint_every == 0 or iteration == config.total_steps:
-        save(iteration)
-        last_saved = iteration
-      if preemption.should_stop(guard):
-        if last_saved != iteration:
-          save(iteration)
-        ckpt.close()
-        writer.close()
-        logging.info("preempted at iteration %d: checkpoint saved, exiting", iteration)
-        sys.exit(0)
+        keeper.save(state, iteration)
+      keeper.stop_if_preempted(guard, state, iteration)
 
   final = run_eval(state, iteration)
   final = {k.removeprefix("eval_"): v for k, v in final.items()}
@@ -299,6 +311,23 @@ def main(argv) -> None:
   writer.close()
   run.update_manifest(final_metrics=final, wall_time_s=time.perf_counter() - session_start, complete=True)
   logging.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()})
+
+
+class IterationTimer:
+  """Seconds per iteration and the ETA for the log line; the first iteration (compiling) is not counted."""
+
+  def __init__(self, start: int, total: int):
+    self.total, self.first = total, start + 1
+    self.since: float | None = None
+
+  def update(self, iteration: int) -> str:
+    now = time.perf_counter()
+    if iteration <= self.first or self.since is None:
+      self.since = now  # Iterations after the first (which compiled) set the pace.
+      return "ETA after the next iteration"
+    per_iteration = (now - self.since) / (iteration - self.first)
+    remaining = (self.total - iteration) * per_iteration
+    return f"{per_iteration:.1f}s/iteration | ETA {metrics_lib.format_duration(remaining)}"
 
 
 def _tx(section, config, init_fn):
@@ -310,4 +339,4 @@ def _tx(section, config, init_fn):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

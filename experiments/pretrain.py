@@ -23,13 +23,13 @@ import logging
 import os
 import time
 
-from absl import app
-from absl import flags
 import jax
 import numpy as np
-from ml_collections import config_flags
 
 from jaxlm import checkpoint
+from jaxlm import cli
+from jaxlm import config_checks
+from jaxlm import errors
 from jaxlm import evaluation
 from jaxlm import losses
 from jaxlm import metrics as metrics_lib
@@ -42,9 +42,9 @@ from jaxlm import training
 from jaxlm.data import pipelines
 from jaxlm.data import world
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
-flags.mark_flags_as_required(["config", "workdir"])
+cli.define_flags()
+# The stages each parent key accepts (read from the parent's manifest before anything runs).
+PARENTS = {"init_from": ("pretrain",)}
 
 
 def get_tokenizer(config, run: checkpoint.RunDir, train_source) -> tokenizer_lib.Tokenizer:
@@ -73,17 +73,24 @@ def get_tokenizer(config, run: checkpoint.RunDir, train_source) -> tokenizer_lib
 
 
 def check_config(config) -> trainer.LoopConfig:
-  """Catches settings that would silently misbehave; returns the loop's schedule."""
+  """Every config value, before anything is written; returns the loop's schedule."""
+  config_checks.check_common(config)
   loop = trainer.LoopConfig.from_config(config)
-  if config.seq_len > config.model.max_len:
-    raise ValueError(f"config.seq_len={config.seq_len} exceeds config.model.max_len={config.model.max_len}")
+  config_checks.one_of(config, "tokenizer.model_type", ("bpe", "unigram", "char"))
+  config_checks.positive_int(config, "tokenizer.vocab_size")
+  config_checks.positive_int(config, "tokenizer.max_texts")
+  config_checks.number_in(config, "tokenizer.character_coverage", 0.0, 1.0, low_open=True)
+  if config.tokenizer.path and not os.path.isfile(config.tokenizer.path):
+    raise errors.MissingError(f"config.tokenizer.path={config.tokenizer.path!r}: no such file; expected a "
+                              "SentencePiece tokenizer.model (or leave it empty to train one)")
   return loop
 
 
 def main(argv) -> None:
   del argv
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir = cli.config(), cli.workdir()
   loop = check_config(config)
+  stage.check_parents(config, PARENTS)
   stage.quiet_library_logs()
   session_start = time.perf_counter()
 
@@ -92,13 +99,15 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   mesh = stage.setup_mesh(config.mesh)
   rules = sharding.DEFAULT_RULES
-  run = stage.open_run(config, workdir)
+  # A foreign workdir or a changed config first, then the data: both before the workdir is touched.
+  stage.check_run(config, workdir, resume_changes=cli.resume_changes())
+  train_source = stage.open_split(config, "text", "train")
+  valid_source = stage.open_split(config, "text", "validation")
+  run = stage.open_run(config, workdir, resume_changes=cli.resume_changes())
 
   # ----------------------------------------------------------------------------------------------
   # Data and tokenizer.
   # ----------------------------------------------------------------------------------------------
-  train_source = stage.open_split(config, "text", "train")
-  valid_source = stage.open_split(config, "text", "validation")
   tok = get_tokenizer(config, run, train_source)
   shard = pipelines.HostShard.from_jax()
   host_batch = stage.per_host_batch_size(config.batch_size)
@@ -137,6 +146,9 @@ def main(argv) -> None:
   run.write_manifest(stage=config.stage, parent=config.init_from or None, config=config,
                      tokenizer_hash=tok.content_hash, data_source=train_source.description,
                      model_config=model_config)
+  data_counts = stage.account_for_data(run, tok, {
+      "train": ("pretraining", train_source, dict(seq_len=config.seq_len)),
+      "validation": ("pretraining", valid_source, dict(seq_len=config.seq_len))})
 
   # ----------------------------------------------------------------------------------------------
   # The update step and the fixed validation batches.
@@ -162,6 +174,7 @@ def main(argv) -> None:
   writer = metrics_lib.MetricWriter(run.workdir)
   start_step = int(state.step)
   writer.resume(start_step)  # Drops rows a killed session logged after its last checkpoint.
+  writer.write(start_step, data_counts)
   peak = metrics_lib.peak_flops_per_device()
   progress = metrics_lib.Progress(
       config.total_steps, tokens_per_step=config.batch_size * config.seq_len,
@@ -208,4 +221,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -21,13 +21,13 @@ import logging
 import os
 import time
 
-from absl import app
-from absl import flags
 import jax
 import numpy as np
-from ml_collections import config_flags
 
 from jaxlm import checkpoint
+from jaxlm import cli
+from jaxlm import config_checks
+from jaxlm import errors
 from jaxlm import files
 from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
@@ -40,21 +40,23 @@ from jaxlm import trainer
 from jaxlm import training
 from jaxlm.data import pipelines
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
-flags.mark_flags_as_required(["config", "workdir"])
+cli.define_flags()
+# The stages each parent key accepts (read from the parent's manifest before anything runs).
+PARENTS = {"init_from": ("sft", "pretrain")}
 
 STATS_FILE = "reward_stats.json"
 
 
 def check_config(config) -> trainer.LoopConfig:
-  """Catches settings that would silently misbehave; returns the loop's schedule."""
+  """Every config value, before anything is written; returns the loop's schedule."""
+  config_checks.check_common(config)
   if not config.init_from:
-    raise ValueError("config.init_from is required: the SFT (or stage-1) run directory to start "
-                     "from (--config.init_from=runs/sft)")
+    raise errors.ConfigError("init_from", "required: the SFT (or stage-1) run directory to start "
+                             "from (--config.init_from=runs/sft)")
   loop = trainer.LoopConfig.from_config(config)
-  if config.seq_len > config.model.max_len:
-    raise ValueError(f"config.seq_len={config.seq_len} exceeds config.model.max_len={config.model.max_len}")
+  for key in ("stats.num_prompts", "stats.max_new_tokens", "stats.batch_size"):
+    config_checks.positive_int(config, key)
+  config_checks.number_in(config, "stats.temperature", 0.0, float("inf"), low_open=True, high_open=True)
   return loop
 
 
@@ -82,8 +84,9 @@ def reward_statistics(params, model_config, tok, parent, config) -> dict:
 
 def main(argv) -> None:
   del argv
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir = cli.config(), cli.workdir()
   loop = check_config(config)
+  stage.check_parents(config, PARENTS)
   stage.quiet_library_logs()
   session_start = time.perf_counter()
 
@@ -92,15 +95,17 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   mesh = stage.setup_mesh(config.mesh)
   rules = sharding.DEFAULT_RULES
-  run = stage.open_run(config, workdir)
+  # A foreign workdir or a changed config first, then the data: both before the workdir is touched.
+  stage.check_run(config, workdir, resume_changes=cli.resume_changes())
+  train_source = stage.open_split(config, "preference", "train")
+  valid_source = stage.open_split(config, "preference", "validation")
+  run = stage.open_run(config, workdir, resume_changes=cli.resume_changes())
   tok = stage.child_tokenizer(config, run)
   model_config = stage.model_config(config.model, vocab_size=tok.vocab_size)
 
   # ----------------------------------------------------------------------------------------------
   # Data: preference pairs, the held-out pairs scored at every eval.
   # ----------------------------------------------------------------------------------------------
-  train_source = stage.open_split(config, "preference", "train")
-  valid_source = stage.open_split(config, "preference", "validation")
   shard = pipelines.HostShard.from_jax()
   host_batch = stage.per_host_batch_size(config.batch_size)
   data_args = dict(max_len=config.seq_len, batch_size=host_batch, seed=config.seed, shard=shard,
@@ -133,6 +138,8 @@ def main(argv) -> None:
                      data_source=train_source.description, model_config=model_config,
                      extra={"num_params": model_lib.num_params(model_config, scalar_head=True),
                             "parent_stage": parent.manifest.get("stage")})
+  data_counts = stage.account_for_data(run, tok, {"train": ("pairs", train_source, data_args),
+                                                  "validation": ("pairs", valid_source, data_args)})
 
   # ----------------------------------------------------------------------------------------------
   # The update step and the held-out evaluation.
@@ -147,6 +154,7 @@ def main(argv) -> None:
   eval_batches = [training.shard_batch(b, mesh, rules) for b in valid_host]
   writer = metrics_lib.MetricWriter(run.workdir)
   writer.resume(int(state.step))
+  writer.write(int(state.step), data_counts)
 
   def run_eval(state: training.TrainState, step: int) -> dict[str, float]:
     result = {"val_loss": training.evaluate(eval_step, state.params, eval_batches)["loss"]}
@@ -183,4 +191,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -22,12 +22,12 @@ import functools
 import logging
 import time
 
-from absl import app
-from absl import flags
 import jax
-from ml_collections import config_flags
 
 from jaxlm import checkpoint
+from jaxlm import cli
+from jaxlm import config_checks
+from jaxlm import errors
 from jaxlm import losses
 from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
@@ -39,22 +39,21 @@ from jaxlm import trainer
 from jaxlm import training
 from jaxlm.data import pipelines
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (created; resumed if it exists).")
-flags.mark_flags_as_required(["config", "workdir"])
+cli.define_flags()
+# The stages each parent key accepts (read from the parent's manifest before anything runs).
+PARENTS = {"init_from": ("pretrain", "sft")}
 
 
 def check_config(config) -> trainer.LoopConfig:
-  """Catches settings that would silently misbehave; returns the loop's schedule."""
+  """Every config value, before anything is written; returns the loop's schedule."""
+  config_checks.check_common(config)
   if not config.init_from:
-    raise ValueError("config.init_from is required: the stage-1 run directory to fine-tune "
-                     "(--config.init_from=runs/pretrain)")
+    raise errors.ConfigError("init_from", "required: the stage-1 run directory to fine-tune "
+                             "(--config.init_from=runs/pretrain)")
   loop = trainer.LoopConfig.from_config(config)
-  if config.seq_len > config.model.max_len:
-    raise ValueError(f"config.seq_len={config.seq_len} exceeds config.model.max_len={config.model.max_len}")
   if config.eval.max_new_tokens >= config.model.max_len:
-    raise ValueError(f"config.eval.max_new_tokens={config.eval.max_new_tokens} leaves no room for a "
-                     f"prompt in config.model.max_len={config.model.max_len}")
+    raise errors.ConfigError("eval.max_new_tokens", f"{config.eval.max_new_tokens} leaves no room for a "
+                             f"prompt in config.model.max_len={config.model.max_len}")
   return loop
 
 
@@ -67,8 +66,9 @@ def eval_sampling(eval_config) -> sampling.SamplingConfig:
 
 def main(argv) -> None:
   del argv
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir = cli.config(), cli.workdir()
   loop = check_config(config)
+  stage.check_parents(config, PARENTS)
   stage.quiet_library_logs()
   session_start = time.perf_counter()
 
@@ -77,7 +77,11 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   mesh = stage.setup_mesh(config.mesh)
   rules = sharding.DEFAULT_RULES
-  run = stage.open_run(config, workdir)
+  # A foreign workdir or a changed config first, then the data: both before the workdir is touched.
+  stage.check_run(config, workdir, resume_changes=cli.resume_changes())
+  train_source = stage.open_split(config, "chat", "train")
+  valid_source = stage.open_split(config, "chat", "validation")
+  run = stage.open_run(config, workdir, resume_changes=cli.resume_changes())
   # The parent's tokenizer (a resumed run keeps its own copy; load_parent checks they agree).
   tok = stage.child_tokenizer(config, run)
   model_config = stage.model_config(config.model, vocab_size=tok.vocab_size)
@@ -85,8 +89,6 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   # Data: packed chats (assistant-only loss mask), validation chats, held-out prompts.
   # ----------------------------------------------------------------------------------------------
-  train_source = stage.open_split(config, "chat", "train")
-  valid_source = stage.open_split(config, "chat", "validation")
   shard = pipelines.HostShard.from_jax()
   host_batch = stage.per_host_batch_size(config.batch_size)
   data_args = dict(max_len=config.seq_len, batch_size=host_batch, seed=config.seed, shard=shard,
@@ -118,6 +120,8 @@ def main(argv) -> None:
   run.write_manifest(stage=config.stage, parent=config.init_from, config=config, tokenizer_hash=tok.content_hash,
                      data_source=train_source.description, model_config=model_config,
                      extra={"num_params": model_lib.num_params(model_config)})
+  data_counts = stage.account_for_data(run, tok, {"train": ("sft", train_source, data_args),
+                                                  "validation": ("sft", valid_source, data_args)})
 
   # ----------------------------------------------------------------------------------------------
   # The update step, held-out loss, and generation on held-out prompts.
@@ -132,6 +136,7 @@ def main(argv) -> None:
                   (next(valid_iter, None) for _ in range(config.num_eval_batches)) if b is not None]
   writer = metrics_lib.MetricWriter(run.workdir)
   writer.resume(int(state.step))  # Drops rows a killed session logged after its last checkpoint.
+  writer.write(int(state.step), data_counts)
 
   def generate_eval(params, step: int, prefix: str = "") -> dict[str, float]:
     metrics, rows = policy_eval.evaluate_policy(
@@ -176,4 +181,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -26,6 +26,9 @@ One stage run writes one directory::
   git_dirty         whether tracked files differ from HEAD, or null
   jaxlm_version, jax_version, devices ("8 x TPU v4"), process_count
   final_metrics     flat {name: number or null}: the stage's headline numbers
+  data              per pipeline (e.g. "train", "validation"): seen / kept / truncated / dropped
+                    and dropped_by_reason; invalid records skipped (`data.invalid=skip`, listed in
+                    skipped.jsonl) and records read (`jaxlm.stage.account_for_data`)
   extra             anything else the stage wants to record
 
 Checkpoints never replace a good one with a bad one. Orbax writes each step into a temporary
@@ -65,6 +68,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 import jaxlm
+from jaxlm import errors
 from jaxlm import files
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.model import ModelConfig
@@ -104,9 +108,9 @@ def _read_json(path: str, what: str) -> Any:
     with open(path) as f:
       return json.load(f)
   except FileNotFoundError:
-    raise FileNotFoundError(f"{what} not found: {path}") from None
+    raise errors.MissingError(f"{what} not found: {path}") from None
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
+    raise errors.RunDirError(f"{path}: not valid JSON ({e})") from None
 
 
 def _flat_metrics(metrics: Mapping[str, Any]) -> dict[str, int | float | None]:
@@ -198,7 +202,7 @@ class RunDir:
     """
     old = self.read_manifest() if os.path.exists(self.manifest_path) else None
     if old is not None and old.get("stage") != stage:
-      raise ValueError(f"{self.workdir} holds a {old.get('stage')!r} run; use a new workdir "
+      raise errors.RunDirError(f"{self.workdir} holds a {old.get('stage')!r} run; use a new workdir "
                        f"for the {stage!r} stage")
     self._prior_wall_time_s = float((old or {}).get("wall_time_s") or 0.0)
     commit, dirty = _git_info()
@@ -222,6 +226,7 @@ class RunDir:
         "devices": f"{len(devices)} x {devices[0].device_kind}",
         "process_count": jax.process_count(),
         "final_metrics": (old or {}).get("final_metrics", {}),
+        "data": (old or {}).get("data", {}),
         "extra": _plain(dict(extra or {})),
     }
     self._write_manifest(manifest)
@@ -229,7 +234,7 @@ class RunDir:
 
   def update_manifest(self, *, final_metrics: Mapping[str, Any] | None = None,
                       wall_time_s: float | None = None, complete: bool | None = None,
-                      extra: Mapping[str, Any] | None = None) -> dict:
+                      extra: Mapping[str, Any] | None = None, data: Mapping[str, Any] | None = None) -> dict:
     """Updates manifest.json: call at checkpoints (wall time) and at the end (complete=True).
 
     Args:
@@ -238,6 +243,8 @@ class RunDir:
       wall_time_s: seconds of *this session*; earlier sessions' time is added to it.
       complete: mark the run complete (or not); None leaves it.
       extra: merged into `extra`.
+      data: replaces `data`: what the data pipelines saw, kept, truncated and dropped
+        (`jaxlm.stage.account_for_data`).
 
     Returns:
       The updated manifest ({} on processes other than 0, which may not see the file).
@@ -254,6 +261,8 @@ class RunDir:
       manifest["complete"] = bool(complete)
     if extra is not None:
       manifest["extra"] = {**manifest.get("extra", {}), **_plain(dict(extra))}
+    if data is not None:
+      manifest["data"] = _plain(dict(data))
     self._write_manifest(manifest)
     return manifest
 
@@ -419,7 +428,7 @@ class Checkpointer:
     data = restored["data"] or {}
     saved_count = data.get("process_count", 1)
     if saved_count != jax.process_count():
-      raise ValueError(
+      raise errors.RunDirError(
           f"{where} was saved by {saved_count} processes, this run has {jax.process_count()}: "
           "the data iterators' positions do not carry over; pass restore_data=False to restart "
           "the data (already-seen examples will be seen again)")
@@ -468,18 +477,18 @@ def _latest_params(directory: str, abstract_params: Any | None) -> tuple[int, An
   """(step, the `params` entry of the saved train state alone) of the latest checkpoint."""
   workdir = os.path.dirname(directory)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"parent run {workdir} has no checkpoint yet ({directory} is missing)")
+    raise errors.MissingError(f"parent run {workdir} has no checkpoint yet ({directory} is missing)")
   manager = _manager(directory, pytree_handler=ocp.PyTreeCheckpointHandler(), read_only=True)
   try:
     step = manager.latest_step()
     if step is None:
-      raise FileNotFoundError(f"parent run {workdir} has no checkpoint yet ({directory} "
+      raise errors.MissingError(f"parent run {workdir} has no checkpoint yet ({directory} "
                               "holds no complete one)")
     where = os.path.join(directory, str(step), "state")
     saved = manager.item_metadata(step)["state"].tree
     if not isinstance(saved, Mapping) or PARAMS_KEY not in saved:
       keys = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
-      raise ValueError(f"{where}: the saved train state has no top-level {PARAMS_KEY!r} "
+      raise errors.ParentError(f"{where}: the saved train state has no top-level {PARAMS_KEY!r} "
                        f"entry (it has {keys})")
     if abstract_params is None:
       # Host numpy arrays: valid on any device count; the caller shards them.
@@ -496,7 +505,7 @@ def _latest_params(directory: str, abstract_params: Any | None) -> tuple[int, An
     try:
       restored = manager.restore(step, args=ocp.args.Composite(state=args))
     except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"{where}: the saved params do not match abstract_params: {e}") from e
+      raise errors.ParentError(f"{where}: the saved params do not match abstract_params: {e}") from e
     return step, restored["state"][PARAMS_KEY]
   finally:
     manager.close()
@@ -529,30 +538,30 @@ def load_parent(parent_workdir: str | os.PathLike, *, expect_tokenizer_hash: str
   """
   run = RunDir(parent_workdir)
   if not os.path.isdir(run.workdir):
-    raise FileNotFoundError(f"parent run directory not found: {run.workdir}")
+    raise errors.MissingError(f"parent run directory not found: {run.workdir}")
   if not os.path.exists(run.manifest_path):
-    raise FileNotFoundError(f"{run.manifest_path} not found: {run.workdir} is not a jaxlm run "
+    raise errors.MissingError(f"{run.manifest_path} not found: {run.workdir} is not a jaxlm run "
                             "directory, or its run never started")
   manifest = run.read_manifest()
   if require_complete and not manifest.get("complete"):
-    raise ValueError(f"parent run {run.workdir} is incomplete ({run.manifest_path} says "
+    raise errors.ParentError(f"parent run {run.workdir} is incomplete ({run.manifest_path} says "
                      "complete=false): finish it (rerun its command to resume), or pass "
                      "require_complete=False to use its latest checkpoint")
   tokenizer = run.load_tokenizer()
   if manifest.get("tokenizer_hash") not in (None, tokenizer.content_hash):
-    raise ValueError(f"{run.tokenizer_path} (sha256 {tokenizer.content_hash}) is not the "
+    raise errors.ParentError(f"{run.tokenizer_path} (sha256 {tokenizer.content_hash}) is not the "
                      f"tokenizer the manifest records ({manifest['tokenizer_hash']}): the run "
                      "directory was modified")
   if expect_tokenizer_hash is not None and expect_tokenizer_hash != tokenizer.content_hash:
-    raise ValueError(f"tokenizer mismatch: parent {run.workdir} was trained with "
+    raise errors.ParentError(f"tokenizer mismatch: parent {run.workdir} was trained with "
                      f"{tokenizer.content_hash}, this run uses {expect_tokenizer_hash}")
   if not manifest.get("model_config"):
-    raise ValueError(f"{run.manifest_path} has no model_config; cannot rebuild the model")
+    raise errors.ParentError(f"{run.manifest_path} has no model_config; cannot rebuild the model")
   model_config = ModelConfig.from_dict(manifest["model_config"])
   if expect_model_config is not None:
     mismatches = _model_mismatches(model_config, expect_model_config)
     if mismatches:
-      raise ValueError(f"model config mismatch with parent {run.workdir}: "
+      raise errors.ParentError(f"model config mismatch with parent {run.workdir}: "
                        + "; ".join(mismatches))
   step, params = _latest_params(run.checkpoint_dir, abstract_params)
   return ParentRun(workdir=run.workdir, step=step, params=params, model_config=model_config,

@@ -50,6 +50,7 @@ import numpy as np
 
 from jaxlm import chat_template
 from jaxlm import checkpoint
+from jaxlm import errors
 from jaxlm import model as model_lib
 from jaxlm import policy_eval
 from jaxlm import sampling as sampling_lib
@@ -97,9 +98,9 @@ class LoadedModel:
 def _check_run_dir(run: checkpoint.RunDir) -> None:
   """Raises FileNotFoundError with what is missing, before orbax gets a chance to be cryptic."""
   if not os.path.isdir(run.workdir):
-    raise FileNotFoundError(f"run directory not found: {run.workdir}")
+    raise errors.MissingError(f"run directory not found: {run.workdir}")
   if not os.path.isfile(run.manifest_path):
-    raise FileNotFoundError(
+    raise errors.MissingError(
         f"{run.workdir} is not a jaxlm run directory: {run.manifest_path} is missing (expected "
         "the --workdir of a stage, e.g. python -m experiments.pretrain --workdir=DIR)")
   # Orbax names a finished step directory by its step number (a save in progress has a
@@ -107,7 +108,7 @@ def _check_run_dir(run: checkpoint.RunDir) -> None:
   steps = ([name for name in os.listdir(run.checkpoint_dir) if name.isdigit()]
            if os.path.isdir(run.checkpoint_dir) else [])
   if not steps:
-    raise FileNotFoundError(
+    raise errors.MissingError(
         f"{run.workdir} has no checkpoint yet (expected {run.checkpoint_dir}/<step>/): the run "
         "has not reached its first checkpoint")
 
@@ -121,7 +122,7 @@ def _language_model_params(params: Mapping[str, Any], where: str) -> Mapping[str
   if "embed" not in params and "policy" in params:
     params = params["policy"]
   if "embed" not in params or "final_norm" not in params:
-    raise ValueError(f"{where}: the saved params are not a jaxlm transformer (top-level keys "
+    raise errors.RunDirError(f"{where}: the saved params are not a jaxlm transformer (top-level keys "
                      f"{sorted(params)}; expected 'embed', 'final_norm', 'layers', ...)")
   return params
 

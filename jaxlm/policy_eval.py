@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import chat_template
+from jaxlm import errors
 from jaxlm import losses
 from jaxlm import model as model_lib
 from jaxlm import sampling as sampling_lib
@@ -312,10 +313,11 @@ def win_rate(scores: np.ndarray, baseline_scores: np.ndarray) -> float:
   return float(np.mean((scores > baseline_scores) + 0.5 * (scores == baseline_scores)))
 
 
-def _check_win_rate_judge(judge: Judge | None, gold: np.ndarray, baseline: Replies | None) -> None:
-  if baseline is not None and judge is None and not gold.any():
-    raise ValueError("a win rate against the baseline needs a judge: none was given and no "
-                     "prompt record has a world gold reward")
+def _check_win_rate_judge(judge: Judge | None, gold: np.ndarray, wants_win_rate: bool) -> None:
+  if wants_win_rate and judge is None and not gold.any():
+    raise errors.ConfigError("eval.judge", "a win rate against the baseline needs a judge: none was given "
+                             "and no eval prompt has a world gold reward; set config.eval.judge to a "
+                             "reward-model run directory")
 
 
 def score_replies(prompt_records: Sequence[Mapping[str, Any]], replies: Replies, *,
@@ -345,7 +347,7 @@ def score_replies(prompt_records: Sequence[Mapping[str, Any]], replies: Replies,
     if other is not None and len(other) != n:
       raise ValueError(f"{name} has {len(other)} rows for {n} prompt records")
   has_gold = np.asarray([has_gold_reward(r) for r in prompt_records], bool)
-  _check_win_rate_judge(judge, has_gold, baseline)
+  _check_win_rate_judge(judge, has_gold, baseline is not None)
   ended = np.asarray(replies.ended_turn, bool)
   metrics = {"num_prompts": float(n), "well_formed": float(ended.mean()),
              "length": float(np.mean(replies.lengths))}
@@ -432,7 +434,7 @@ def evaluate_policy(params, config: model_lib.ModelConfig, tokenizer,
   if not prompt_records:
     raise ValueError("no prompt records to evaluate")
   # Fail before the expensive part if the win rate would have no judge.
-  _check_win_rate_judge(judge, np.asarray([has_gold_reward(r) for r in prompt_records]), baseline)
+  _check_win_rate_judge(judge, np.asarray([has_gold_reward(r) for r in prompt_records]), baseline is not None)
   replies = generate_replies(params, config, tokenizer, prompt_records,
                              max_new_tokens=max_new_tokens, rng=rng, sampling=sampling,
                              batch_size=batch_size)
@@ -464,6 +466,8 @@ class PolicyEvaluator:
     self.prompt_records = list(prompt_records)
     self.kwargs = dict(max_new_tokens=max_new_tokens, sampling=sampling, batch_size=batch_size)
     self.judge, self.rng = judge, rng
+    # At start-up, not after training: data without a gold reward needs a judge.
+    _check_win_rate_judge(judge, np.asarray([has_gold_reward(r) for r in self.prompt_records]), True)
     self.baseline = generate_replies(reference_params, config, tokenizer, self.prompt_records,
                                      rng=jax.random.fold_in(rng, 1_000_003), **self.kwargs)
 

@@ -7,18 +7,27 @@ way from stage to stage.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import json
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 
 from jaxlm import checkpoint
+from jaxlm import config_checks
+from jaxlm import errors
+from jaxlm import files
+from jaxlm import resume
+from jaxlm import workdir_lock
 from jaxlm import model as model_lib
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm import sharding
-from jaxlm.data import sources, world
+from jaxlm.data import pipelines, sources, world
 
 
 def setup_mesh(mesh_config: Mapping[str, Any]) -> jax.sharding.Mesh:
@@ -29,7 +38,7 @@ def setup_mesh(mesh_config: Mapping[str, Any]) -> jax.sharding.Mesh:
   """
   mode = mesh_config.get("distributed", "auto")
   if mode not in ("auto", "yes", "no"):
-    raise ValueError(f"config.mesh.distributed must be auto, yes or no, got {mode!r}")
+    raise errors.ConfigError("mesh.distributed", f"got {mode!r}; expected auto, yes or no")
   if mode == "yes" and not jax.distributed.is_initialized():
     jax.distributed.initialize()
   elif mode == "auto":
@@ -40,13 +49,127 @@ def setup_mesh(mesh_config: Mapping[str, Any]) -> jax.sharding.Mesh:
   return mesh
 
 
-def open_run(config, workdir: str) -> checkpoint.RunDir:
-  """The stage's run directory, created, with the resolved config written (by process 0)."""
-  run = checkpoint.RunDir(workdir)
-  os.makedirs(run.workdir, exist_ok=True)
+def check_workdir(workdir: str, stage_name: str) -> None:
+  """Refuses a workdir that is not this stage's: another stage's run, a pipeline's directory.
+
+  Read-only: called before the lock is taken (so a refused workdir gets no lock file) and again
+  under it.
+  """
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise errors.RunDirError(f"--workdir={workdir}: {path} exists and is not a directory")
+  if os.path.exists(os.path.join(path, "pipeline.json")):
+    raise errors.RunDirError(f"--workdir={workdir} is a pipeline's directory; a stage needs its own run "
+                             f"directory, e.g. {os.path.join(path, stage_name)}")
+  for name in ("manifest.json", "config.json"):
+    try:
+      with open(os.path.join(path, name)) as f:
+        other = json.load(f).get("stage")
+    except (OSError, ValueError, AttributeError):
+      continue
+    if other is not None and other != stage_name:
+      raise errors.RunDirError(f"--workdir={workdir} holds a {other!r} run ({name} says so); a {stage_name} "
+                               f"run never reuses another stage's directory: pass another --workdir")
+
+
+def _lock(workdir: str) -> workdir_lock.WorkdirLock:
+  """This process's lock on `workdir`; with several processes process 0 takes it for all."""
+  lock = workdir_lock.WorkdirLock(workdir)
+  if jax.process_count() == 1:
+    return lock.acquire()
+  message = ""
   if jax.process_index() == 0:
-    run.write_config(config)
+    try:
+      lock.acquire()
+    except errors.RunDirError as e:
+      message = str(e)
+  if int(multihost_utils.broadcast_one_to_all(np.int32(bool(message)))):
+    raise errors.RunDirError(message or f"{workdir} is in use by another process (process 0 says why)")
+  return lock
+
+
+_HELD_LOCKS: list[workdir_lock.WorkdirLock] = []  # Held until the process exits.
+
+
+def _resume_changes(run: checkpoint.RunDir, config, resume_changes: Sequence[str]):
+  """(changes, event) for `resume.record`; raises `errors.RunDirError` for a refused change."""
+  recorded = run.read_config() if os.path.exists(run.config_path) else None
+  if recorded is None:
+    return None, None
+  if not resume.has_checkpoint(run.workdir):
+    # Nothing was trained: a new config starts the run over (`open_run` clears what is stale).
+    changes = resume.differences(recorded, resume.plain_config(config))
+    return changes, "restarted (no checkpoint)" if changes else None
+  return resume.check(run.workdir, recorded, config, resume_changes), None
+
+
+def check_run(config, workdir: str, *, resume_changes: Sequence[str] = ()) -> None:
+  """`open_run`'s refusals without writing anything: call it before the data is opened, so a
+  workdir of another stage or a changed config is the error the user sees first."""
+  check_workdir(workdir, config.stage)
+  _resume_changes(checkpoint.RunDir(workdir), config, resume_changes)
+
+
+def open_run(config, workdir: str, *, resume_changes: Sequence[str] = ()) -> checkpoint.RunDir:
+  """The stage's run directory: locked for this process's life, its config recorded.
+
+  In this order, so that a refused run writes nothing: a workdir of another stage is refused
+  (`check_workdir`); the workdir's lock is taken (`jaxlm.workdir_lock`: a busy workdir is an
+  error naming the holder); a workdir holding a run must have been started with the same config
+  up to the free keys and the `resume_changes` the user names (`jaxlm.resume`). Then process 0
+  writes config.json and appends the change to config_history.jsonl.
+  """
+  check_workdir(workdir, config.stage)
+  run = checkpoint.RunDir(workdir)
+  lock = _lock(run.workdir)
+  _HELD_LOCKS.append(lock)
+  atexit.register(lock.release)  # Any exit through Python clears the holder; a killed process leaves it.
+  check_workdir(workdir, config.stage)
+  changes, event = _resume_changes(run, config, resume_changes)
+  if event is not None:
+    removed = resume.clear_unstarted(run.workdir) if jax.process_index() == 0 else []
+    logging.warning("%s holds no checkpoint (nothing was trained), so it starts over with the new config "
+                    "(changed: %s; removed: %s)", run.workdir, ", ".join(changes), ", ".join(removed) or "nothing")
+  elif changes:
+    logging.warning("resuming %s with changed config: %s", run.workdir,
+                    "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+  if jax.process_index() == 0:
+    resume.record(run.workdir, config, changes, event=event)
   return run
+
+
+def check_parents(config, parents: Mapping[str, Sequence[str]], *, produced: Sequence[str] = ()) -> None:
+  """Each parent run the config names is a complete run of a stage it accepts.
+
+  Args:
+    config: the stage config.
+    parents: {config key: accepted parent stages}, e.g. {"init_from": ("pretrain", "sft")};
+      an empty value is skipped (`check_config` says when one is required), as is "gold".
+    produced: run directories that do not exist yet because the pipeline makes them first.
+
+  Raises:
+    errors.ParentError / errors.MissingError naming the key, the run and its stage.
+  """
+  produced = {os.path.abspath(p) for p in produced}
+  for key, stages in parents.items():
+    path = config_checks.get(config, key) if config_checks.has(config, key) else ""
+    if not path or path == "gold" or os.path.abspath(path) in produced:
+      continue
+    what = f"config.{key}={path!r}"
+    if not os.path.isdir(path):
+      raise errors.MissingError(f"{what}: no such run directory; expected a {' or '.join(stages)} run")
+    try:
+      with open(os.path.join(path, "manifest.json")) as f:
+        manifest = json.load(f)
+    except (OSError, ValueError):
+      raise errors.ParentError(f"{what} is not a jaxlm run directory (no readable manifest.json); "
+                               f"expected a {' or '.join(stages)} run") from None
+    if manifest.get("stage") not in stages:
+      raise errors.ParentError(f"{what} is a {manifest.get('stage')!r} run, but a {config.stage} run's {key} "
+                               f"must be a {' or '.join(repr(s) for s in stages)} run")
+    if not manifest.get("complete"):
+      raise errors.ParentError(f"{what}: the {manifest.get('stage')} run is incomplete (its manifest.json "
+                               "says complete=false): finish it by rerunning its command")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,17 +205,63 @@ def open_split(config, kind: str, split: str, source: str | None = None) -> sour
   return sources.open_source(
       source or data.source, kind, split, cache_dir=data.cache_dir or None, world=world_config(config),
       field_map=sources.parse_key_values(data.field_map, "config.data.field_map") or None, tfds_data_dir=data.tfds_data_dir or None,
-      holdout_fraction=data.holdout_fraction, docs_per_file=data.docs_per_file)
+      holdout_fraction=data.holdout_fraction, docs_per_file=data.docs_per_file, invalid=data.invalid,
+      max_invalid_fraction=data.max_invalid_fraction)
+
+
+def account_for_data(run: checkpoint.RunDir, tokenizer, pipelines_used: Mapping[str, tuple[str, Any, Mapping]],
+                     ) -> dict[str, Any]:
+  """Counts what every pipeline of the stage will see, keep, truncate and drop, before training.
+
+  Args:
+    run: the run directory: its manifest gets the counts (`data`), and `skipped.jsonl` the
+      invalid records the sources skipped (`config.data.invalid=skip`), with file:line and reason.
+    tokenizer: the stage's tokenizer.
+    pipelines_used: {name: (pipeline kind, source, the dataset function's keyword arguments)},
+      e.g. {"train": ("sft", train_source, data_args)} (`pipelines.count_examples`).
+
+  Returns:
+    Flat metrics for metrics.jsonl: ``data/<name>/<seen|kept|truncated|dropped>`` and
+    ``data/invalid_skipped``.
+
+  Logs one line per pipeline, as a warning when more than 1% was truncated or dropped.
+  """
+  counts, flat = {}, {}
+  for name, (kind, source, args) in pipelines_used.items():
+    counts[name] = pipelines.count_examples(kind, source, tokenizer, **args)
+    line = f"{pipelines.format_counts(name, counts[name])} [{source.description}]"
+    if pipelines.needs_warning(counts[name]):
+      logging.warning("%s: more than 1%% truncated or dropped; raise the length limits (or check the data) "
+                      "if that matters", line)
+    else:
+      logging.info("%s", line)
+    flat.update({f"data/{name}/{key}": counts[name][key] for key in ("seen", "kept", "truncated", "dropped")})
+  skipped: dict[str, dict] = {}
+  for _, source, _ in pipelines_used.values():
+    for item in getattr(source, "skipped", None) or []:
+      skipped.setdefault(item["where"], dict(item))
+  read = {source.description: source.num_read for _, source, _ in pipelines_used.values()
+          if getattr(source, "num_read", None) is not None}
+  if skipped:
+    logging.warning("%d invalid records were skipped (config.data.invalid=skip); listed in %s", len(skipped),
+                    os.path.join(run.workdir, "skipped.jsonl"))
+  if jax.process_index() == 0 and (skipped or os.path.exists(os.path.join(run.workdir, "skipped.jsonl"))):
+    files.atomic_write(os.path.join(run.workdir, "skipped.jsonl"),
+                       "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in skipped.values()))
+  flat["data/invalid_skipped"] = len(skipped)
+  run.update_manifest(data={"pipelines": counts, "invalid_skipped": len(skipped), "records_read": read})
+  return flat
 
 
 def eval_prompts(config, validation: sources.RecordSource | None = None) -> list[dict]:
-  """Held-out prompt records for generation evals: at most `config.eval.num_prompts`.
+  """Held-out prompt records for generation evals: every one, or `config.eval.num_prompts` of them.
 
   In order of preference: every record of `config.eval.prompts` (a prompt source; a local file
   is read whole, it is an eval file), the world's test prompts when the stage trains on the
   world, or the prompts of the stage's `validation` records (chats cut before their last
-  assistant reply; preference pairs' prompts). An evenly spaced subset is taken when there are
-  more (the world's prompts are grouped by task family).
+  assistant reply; preference pairs' prompts). When there are more than `num_prompts`, an evenly
+  spaced subset is taken (the world's prompts are grouped by task family); when there are fewer,
+  all of them. The log says which.
   """
   data = config.data
   if config.eval.prompts:
@@ -100,20 +269,34 @@ def eval_prompts(config, validation: sources.RecordSource | None = None) -> list
         config.eval.prompts, "prompt", "train", cache_dir=data.cache_dir or None, world=world_config(config),
         field_map=sources.parse_key_values(data.field_map, "config.data.field_map") or None,
         tfds_data_dir=data.tfds_data_dir or None, holdout_fraction=0.0)
+    origin = f"config.eval.prompts={config.eval.prompts}"
   elif data.source == "world":
     records = open_split(config, "prompt", "test", source="world")
+    origin = "the world's test prompts"
   elif validation is not None and validation.kind == "chat":
     records = [prompt for prompt in (prompt_from_chat(validation[i]) for i in range(len(validation)))
                if prompt["prompt"] and prompt["prompt"][-1]["role"] == "user"]
+    origin = f"the validation chats of {data.source} ({len(validation)}, cut before their last reply)"
   elif validation is not None:
     records = [{"prompt": validation[i]["prompt"], "meta": validation[i].get("meta", {})}
                for i in range(len(validation))]
+    origin = f"the prompts of the validation pairs of {data.source}"
   else:
-    raise ValueError("no eval prompts: set config.eval.prompts to a prompt source (e.g. jsonl:prompts.jsonl)")
-  count = len(records)
-  picks = sorted({round(i * (count - 1) / max(config.eval.num_prompts - 1, 1))
-                  for i in range(min(config.eval.num_prompts, count))}) if count else []
+    raise errors.ConfigError("eval.prompts", "no eval prompts: set it to a prompt source (e.g. jsonl:prompts.jsonl)")
+  picks = spread(len(records), config.eval.num_prompts)
+  how = ("all of them" if len(picks) == len(records) else
+         f"{len(picks)} evenly spaced (config.eval.num_prompts={config.eval.num_prompts})")
+  logging.info("eval prompts: %d of %d from %s: %s", len(picks), len(records), origin, how)
   return [dict(records[i]) for i in picks]
+
+
+def spread(count: int, wanted: int) -> list[int]:
+  """`min(count, wanted)` distinct indices in [0, count), evenly spaced, first and last included."""
+  if wanted >= count:
+    return list(range(count))
+  if wanted == 1:
+    return [0]
+  return [round(i * (count - 1) / (wanted - 1)) for i in range(wanted)]
 
 
 def prompt_from_chat(record: Mapping[str, Any]) -> dict:
@@ -132,8 +315,8 @@ def eval_judge(config, tokenizer: tokenizer_lib.Tokenizer):
     return None
   judge_run = checkpoint.load_parent(config.eval.judge, expect_tokenizer_hash=tokenizer.content_hash)
   if judge_run.manifest.get("stage") != "reward":
-    raise ValueError(f"config.eval.judge={config.eval.judge!r} is a {judge_run.manifest.get('stage')!r} run; "
-                     "a judge must be a reward-model run directory")
+    raise errors.ParentError(f"config.eval.judge={config.eval.judge!r} is a {judge_run.manifest.get('stage')!r} "
+                             "run; a judge must be a reward-model run directory")
   return policy_eval.reward_model_judge(judge_run.params, judge_run.model_config, tokenizer,
                                         batch_size=config.eval.batch_size)
 
@@ -150,8 +333,8 @@ def child_tokenizer(config, run: checkpoint.RunDir) -> tokenizer_lib.Tokenizer:
   else:
     path = config.get("tokenizer_path") or checkpoint.RunDir(config.init_from).tokenizer_path
     if not os.path.exists(path):
-      raise FileNotFoundError(f"{path} not found: config.init_from={config.init_from!r} must be a jaxlm run "
-                              "directory (it holds tokenizer.model)")
+      raise errors.MissingError(f"{path} not found: config.init_from={config.init_from!r} must be a jaxlm run "
+                                "directory (it holds tokenizer.model)")
     tok = tokenizer_lib.Tokenizer.load(path)
   if jax.process_index() == 0:
     run.save_tokenizer(tok)
@@ -170,7 +353,7 @@ def per_host_batch_size(global_batch_size: int) -> int:
   """This process's share of a global batch; the batch must split evenly over processes."""
   count = jax.process_count()
   if global_batch_size % count:
-    raise ValueError(f"batch_size {global_batch_size} does not split over {count} processes")
+    raise errors.ConfigError("batch_size", f"{global_batch_size} does not split over {count} processes")
   return global_batch_size // count
 
 

@@ -12,7 +12,8 @@ get subtly wrong when copied:
     non-finite one;
   * SIGTERM/SIGINT: save and exit 0 (with several processes, agreed on at host syncs only).
 
-PPO has its own loop (an iteration is rollouts then several epochs), built from the same parts.
+PPO has its own loop (an iteration is rollouts then several epochs); it keeps the same safety
+through `Safekeeping`, which owns saving, the finiteness checks and preemption for both.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import jax
 import numpy as np
 
 from jaxlm import checkpoint
+from jaxlm import errors
 from jaxlm import metrics as metrics_lib
 from jaxlm import preemption
 from jaxlm import training
@@ -49,9 +51,55 @@ class LoopConfig:
     loop = cls(**{field.name: int(config[field.name]) for field in dataclasses.fields(cls)})
     for name in ("log_every", "eval_every", "checkpoint_every", "total_steps"):
       if getattr(loop, name) % loop.steps_per_call:
-        raise ValueError(f"config.{name}={getattr(loop, name)} must be a multiple of "
-                         f"steps_per_call={loop.steps_per_call}")
+        raise errors.ConfigError(name, f"{getattr(loop, name)} must be a multiple of "
+                                 f"config.steps_per_call={loop.steps_per_call}")
     return loop
+
+
+class Safekeeping:
+  """The loop's safety, written once for `fit` and PPO's iteration loop.
+
+  * `save`: only a finite state is saved (else `FloatingPointError` naming the last good
+    checkpoint, which is kept), with the data iterator's position, and the manifest's wall time
+    is brought up to date;
+  * `check_metrics`: non-finite metrics stop the run, naming the last good checkpoint;
+  * `stop_if_preempted`: after SIGTERM/SIGINT, save (unless this step is saved), close the
+    checkpointer and the metric writer, and exit 0.
+  """
+
+  def __init__(self, *, ckpt: checkpoint.Checkpointer, run: checkpoint.RunDir, data_iter: Iterator,
+               writer: metrics_lib.MetricWriter, session_start: float,
+               trees_to_check: Callable[[Any], list[Any]] = lambda state: [state.params]):
+    self.ckpt, self.run, self.data_iter, self.writer = ckpt, run, data_iter, writer
+    self.session_start = session_start
+    self.trees_to_check = trees_to_check
+    self.last_saved = ckpt.latest_step()
+
+  def _last_good(self) -> str | None:
+    good = self.ckpt.latest_step()
+    return None if good is None else os.path.join(self.ckpt.directory, str(good))
+
+  def save(self, state: Any, step: int) -> None:
+    if not all(checkpoint.all_finite(tree) for tree in self.trees_to_check(state)):
+      raise FloatingPointError(f"parameters are not finite at step {step}; the last good checkpoint "
+                               f"(step {self.ckpt.latest_step()}) is kept")
+    self.ckpt.save(step, state, data_state=self.data_iter.get_state())
+    self.run.update_manifest(wall_time_s=time.perf_counter() - self.session_start)
+    self.last_saved = step
+
+  def check_metrics(self, metrics: Mapping[str, Any], *, first_step: int, last_step: int) -> None:
+    metrics_lib.check_finite(metrics, first_step=first_step, last_step=last_step, checkpoint=self._last_good())
+
+  def stop_if_preempted(self, guard: preemption.PreemptionGuard, state: Any, step: int) -> None:
+    """Saves and exits the process (status 0) when a stop signal came; returns otherwise."""
+    if not preemption.should_stop(guard):
+      return
+    if self.last_saved != step:
+      self.save(state, step)
+    self.ckpt.close()
+    self.writer.close()
+    logging.info("preempted at step %d: checkpoint saved, exiting", step)
+    sys.exit(0)
 
 
 def fit(state: training.TrainState, *, loop: LoopConfig, train_step: Callable, train_iter: Iterator,
@@ -77,14 +125,8 @@ def fit(state: training.TrainState, *, loop: LoopConfig, train_step: Callable, t
   """
   k = loop.steps_per_call
   step = int(state.step)
-  last_checked, last_saved = step, ckpt.latest_step()
-
-  def save(step: int) -> None:
-    if not checkpoint.all_finite(state.params):
-      raise FloatingPointError(f"parameters are not finite at step {step}; the last good checkpoint "
-                               f"(step {ckpt.latest_step()}) is kept")
-    ckpt.save(step, state, data_state=train_iter.get_state())
-    run.update_manifest(wall_time_s=time.perf_counter() - session_start)
+  last_checked = step
+  keeper = Safekeeping(ckpt=ckpt, run=run, data_iter=train_iter, writer=writer, session_start=session_start)
 
   with preemption.PreemptionGuard() as guard:
     while step < loop.total_steps:
@@ -95,25 +137,17 @@ def fit(state: training.TrainState, *, loop: LoopConfig, train_step: Callable, t
       synced = progress.due(step) or step % loop.checkpoint_every == 0 or step >= loop.total_steps
       if synced:
         host = {name: np.mean(value) for name, value in jax.device_get(step_metrics).items()}
-        good = ckpt.latest_step()
-        metrics_lib.check_finite(host, first_step=last_checked + 1, last_step=step,
-                                 checkpoint=None if good is None else os.path.join(ckpt.directory, str(good)))
+        keeper.check_metrics(host, first_step=last_checked + 1, last_step=step)
         last_checked = step
         writer.write(step, host)
         progress.update(step, host)
       if step % loop.eval_every == 0 and step < loop.total_steps:
         run_eval(state, step)
       if step % loop.checkpoint_every == 0 or step >= loop.total_steps:
-        save(step)
-        last_saved = step
+        keeper.save(state, step)
       # With several processes, agreeing on a stop is a collective: only at host syncs.
-      if (synced or jax.process_count() == 1) and preemption.should_stop(guard):
-        if last_saved != step:
-          save(step)
-        ckpt.close()
-        logging.info("preempted at step %d: checkpoint saved, exiting", step)
-        writer.close()
-        sys.exit(0)
+      if synced or jax.process_count() == 1:
+        keeper.stop_if_preempted(guard, state, step)
   return state
 
 

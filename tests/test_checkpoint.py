@@ -307,7 +307,7 @@ def test_manifest_fields_and_updates(tmp_path):
   assert list(on_disk) == [
       "manifest_version", "stage", "parent", "complete", "created", "sessions", "wall_time_s",
       "config_hash", "tokenizer_hash", "data_source", "model_config", "git_commit", "git_dirty",
-      "jaxlm_version", "jax_version", "devices", "process_count", "final_metrics", "extra"]
+      "jaxlm_version", "jax_version", "devices", "process_count", "final_metrics", "data", "extra"]
   assert on_disk["stage"] == "pretrain" and on_disk["parent"] is None
   assert on_disk["config_hash"] == checkpoint.config_hash({"a": [1, 2], "b": 1})  # key order
   assert on_disk["config_hash"] != checkpoint.config_hash({"a": [1, 2], "b": 2})

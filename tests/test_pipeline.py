@@ -60,8 +60,9 @@ def test_the_plan_skips_complete_stages_and_needs_complete_parents(tmp_path, mon
 
 
 def test_a_stage_without_its_parent_is_a_clear_error_before_anything_runs(tmp_path, capsys):
-  assert pipeline.main([f"--workdir={tmp_path}", "--stages=sft,dpo"]) == 1
-  assert f"sft needs a complete pretrain run (init_from) but {tmp_path}/pretrain is missing" in capsys.readouterr().out
+  assert pipeline.main([f"--workdir={tmp_path}", "--stages=sft,dpo"]) == 2
+  assert (f"error: sft needs a complete pretrain run (init_from) but {tmp_path}/pretrain is missing"
+          in capsys.readouterr().err)
   assert read_json(tmp_path / "pipeline.json")["status"] == "failed"
   assert not (tmp_path / "sft").exists()
 

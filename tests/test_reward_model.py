@@ -117,8 +117,14 @@ def test_pairwise_report_against_the_gold_ceiling():
   assert report["accuracy_vs_ceiling"] == 1.0
   assert report["gold_accuracy"] == 1.0  # Pairs 0, 1, 3 (unequal gold): all ranked like the gold.
   assert report["accuracy/len_0_8"] == (1 + 0.5) / 2 and report["accuracy/len_16_32"] == 1.0
+  # Every metric with the pairs behind it; empty bins are counted (0) but have no accuracy.
+  assert report["num_pairs"] == 4 and report["num_pairs/gold_accuracy"] == 3
+  assert {k: v for k, v in report.items() if k.startswith("num_pairs/len_")} == {
+      "num_pairs/len_0_8": 2, "num_pairs/len_8_16": 1, "num_pairs/len_16_32": 1, "num_pairs/len_32_64": 0,
+      "num_pairs/len_64_inf": 0}
+  assert "accuracy/len_32_64" not in report
   # Unequal lengths in pairs 0 (shorter side won), 2 (a tie: half) and 3 (longer side won).
-  assert report["length_preference"] == (0 + 0.5 + 1) / 3
+  assert report["length_preference"] == (0 + 0.5 + 1) / 3 and report["num_pairs/length_preference"] == 3
   assert -1 <= report["gold_pearson"] <= 1 and -1 <= report["gold_spearman"] <= 1
 
 
@@ -144,7 +150,7 @@ def test_score_tool_scores_pairs_and_names_bad_lines(tiny_reward_run, tmp_path):
   workdir, _ = tiny_reward_run
   good = tmp_path / "pairs.jsonl"
   good.write_text(json.dumps({"prompt": "What is the capital of France?", "response": "Paris.", "id": 1}) + "\n"
-                  + json.dumps({"prompt": [{"role": "user", "content": "What's 2 + 2?"}], "response": "4"}) + "\n")
+                  + json.dumps({"prompt": [{"role": "user", "content": "What's 2 + 2?"}], "reply": "4"}) + "\n")
   out = tmp_path / "scored.jsonl"
   result = subprocess.run([sys.executable, "tools/score.py", f"--workdir={workdir}", f"--input={good}",
                            f"--output={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -157,5 +163,23 @@ def test_score_tool_scores_pairs_and_names_bad_lines(tiny_reward_run, tmp_path):
   result = subprocess.run([sys.executable, "tools/score.py", f"--workdir={workdir}", f"--input={bad}",
                            f"--output={tmp_path / 'x.jsonl'}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
-  assert result.returncode == 1 and f"{bad}:1" in result.stderr and "'response'" in result.stderr
+  assert result.returncode == 2 and f"{bad}:1" in result.stderr and "'reply' or 'response'" in result.stderr
+  assert "Traceback" not in result.stderr
   assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_pairwise_report_bin_counts_sum_to_num_pairs():
+  rng = np.random.default_rng(0)
+  n = 257
+  scores = {"chosen": rng.normal(size=n), "rejected": rng.normal(size=n),
+            "chosen_length": rng.integers(1, 150, n), "rejected_length": rng.integers(1, 150, n),
+            "record_index": np.arange(n)}
+  report = reward_model.pairwise_report(scores)
+  bins = {k[len("num_pairs/"):]: v for k, v in report.items() if k.startswith("num_pairs/len_")}
+  assert len(bins) == len(reward_model.LENGTH_EDGES) and sum(bins.values()) == report["num_pairs"] == n
+  assert all(isinstance(v, int) for v in bins.values())
+  for name, count in bins.items():  # An accuracy exactly where its bin holds pairs.
+    assert (f"accuracy/{name}" in report) == (count > 0)
+  assert report["num_pairs/length_preference"] == int((scores["chosen_length"] != scores["rejected_length"]).sum())
+  empty = reward_model.pairwise_report({k: v[:0] for k, v in scores.items()})
+  assert empty["num_pairs"] == 0 and all(empty[f"num_pairs/{name}"] == 0 for name in bins)

@@ -99,4 +99,4 @@ def test_a_parent_with_another_tokenizer_is_refused(tiny_pretrain_run, world_tok
 
 def test_init_from_is_required(tmp_path, data_cache):
   result = _run_sft(tmp_path / "sft", data_cache)
-  assert result.returncode != 0 and "config.init_from is required" in result.stderr
+  assert result.returncode != 0 and "error: config.init_from: required" in result.stderr

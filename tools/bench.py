@@ -34,6 +34,7 @@ from ml_collections import config_flags
 # The repository root: `configs/*.py` import `configs.common`, and jaxlm may not be installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxlm import errors
 from jaxlm import losses
 from jaxlm import metrics as metrics_lib
 from jaxlm import model as model_lib
@@ -126,4 +127,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.guard(main))

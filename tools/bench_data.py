@@ -27,6 +27,7 @@ try:
 except ImportError:  # Run from a checkout without `pip install -e .`.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxlm import errors
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.data import pipelines, sources, world
 
@@ -82,4 +83,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.guard(main)()

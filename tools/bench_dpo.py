@@ -95,6 +95,7 @@ from ml_collections import config_flags
 # The repository root: `configs/*.py` import `configs.common`, and jaxlm may not be installed.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxlm import errors  # noqa: E402
 from jaxlm import dpo  # noqa: E402
 from jaxlm import model as model_lib  # noqa: E402
 from jaxlm import sharding  # noqa: E402
@@ -224,4 +225,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(errors.guard(main))

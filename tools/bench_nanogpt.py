@@ -44,6 +44,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # jaxlm from this checkout, installed or not.
 
+from jaxlm import errors  # noqa: E402
 from jaxlm.data import readers  # noqa: E402
 NANOGPT_SECONDS = 130.0  # nanoGPT's reported wall time to val loss ~1.88 on a 2-core CPU.
 VAL_LINE = re.compile(r"step (\d+): val_loss=([0-9.]+)")
@@ -110,4 +111,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.guard(main)()

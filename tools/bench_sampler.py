@@ -79,6 +79,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import common  # noqa: E402
+from jaxlm import errors  # noqa: E402
 from jaxlm import model as model_lib  # noqa: E402
 from jaxlm import sampling  # noqa: E402
 from jaxlm import sharding  # noqa: E402
@@ -182,4 +183,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-  main(_ARGS)
+  errors.guard(main)(_ARGS)

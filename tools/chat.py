@@ -36,6 +36,8 @@ except ImportError:  # Run as `python tools/chat.py` from a checkout that isn't 
 
 import jax  # noqa: E402
 
+from jaxlm import chat_template  # noqa: E402
+from jaxlm import errors  # noqa: E402
 from jaxlm import inference  # noqa: E402
 from jaxlm.data.errors import DataError  # noqa: E402
 from jaxlm.sampling import SamplingConfig  # noqa: E402
@@ -53,6 +55,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--max_new_tokens", type=int, default=256,
                       help="longest reply in tokens (capped at half the model's max_len)")
   parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+  parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
   args = parser.parse_args(argv)
   try:
     args.sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k,
@@ -105,6 +108,12 @@ def _fit_history(loaded: inference.LoadedModel, messages: list[dict],
     dropped += 1
   if dropped:
     _note(f"note: the conversation outgrew the context; dropped its {dropped} oldest messages")
+  if not inference.fits(loaded, head + body, max_new_tokens=max_new_tokens):
+    total = len(chat_template.render_prompt(loaded.tokenizer, head + body))
+    room = inference.prompt_room(loaded, max_new_tokens)
+    _note(f"note: this message does not fit the context: the conversation renders to {total} tokens and "
+          f"{room} fit (max_len {loaded.model_config.max_len} - {max_new_tokens} for the reply); the model "
+          f"sees only its last {room} tokens")
   return head + body
 
 
@@ -129,6 +138,11 @@ def _repl(loaded: inference.LoadedModel, args: argparse.Namespace, max_new_token
     text = line.strip()
     if not text:
       continue
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError:  # Undecodable bytes arrive as lone surrogates (surrogateescape).
+      _note("input is not UTF-8 text; ignored (the conversation is kept)")
+      continue
     if text in ("/quit", "/exit"):
       break
     if text == "/reset":
@@ -146,6 +160,9 @@ def _repl(loaded: inference.LoadedModel, args: argparse.Namespace, max_new_token
       print(flush=True)
       _note("(reply interrupted; not kept)")
       continue
+    except DataError as e:  # A message the chat format refuses: say so, keep the conversation.
+      _note(f"error: {e}; message ignored (the conversation is kept)")
+      continue
     turn += 1
     messages = attempt
     if not info["text"].strip():
@@ -162,11 +179,7 @@ def main(argv: list[str] | None = None) -> int:
   args = _parse_args(argv)
   # Orbax warns about opening a checkpoint directory read-only; that is the intent here.
   logging.getLogger("absl").setLevel(logging.ERROR)
-  try:
-    loaded = inference.load_run(args.workdir)
-  except (OSError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  loaded = inference.load_run(args.workdir)  # A bad run directory is a user error (`errors.guard`).
   if loaded.stage not in inference.POLICY_STAGES:
     _note(f"warning: {loaded.workdir} is a {loaded.stage!r} run, not a policy "
           f"({', '.join(inference.POLICY_STAGES)}); its replies mean nothing")
@@ -175,17 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     return _repl(loaded, args, max_new_tokens)
   messages = [{"role": "system", "content": args.system}] if args.system else []
   messages.append({"role": "user", "content": args.prompt})
-  try:
-    _stream(loaded, messages, args, max_new_tokens, turn=0)
-  except DataError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  _stream(loaded, _fit_history(loaded, messages, max_new_tokens), args, max_new_tokens, turn=0)
   return 0
 
 
 if __name__ == "__main__":
   try:
-    sys.exit(main())
+    sys.exit(errors.guard(main)())
   except BrokenPipeError:  # `... | head`: stop quietly.
     sys.stderr.close()
     sys.exit(0)

@@ -25,6 +25,7 @@ try:
 except ImportError:  # Run from a checkout without `pip install -e .`.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxlm import errors
 from jaxlm.data import schemas, sources
 from jaxlm.data.errors import DataError
 
@@ -93,4 +94,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.guard(main)())

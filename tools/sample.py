@@ -41,6 +41,7 @@ try:
 except ImportError:  # Run as `python tools/sample.py` from a checkout that isn't installed.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxlm import errors  # noqa: E402
 from jaxlm import files  # noqa: E402
 from jaxlm import inference  # noqa: E402
 from jaxlm.data.errors import DataError  # noqa: E402
@@ -165,4 +166,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.guard(main)())

@@ -2,11 +2,12 @@
 
   python tools/score.py --workdir runs/reward --input replies.jsonl --output scored.jsonl
   python tools/sample.py --workdir runs/dpo --prompts p.jsonl --output r.jsonl && \\
-      python tools/score.py --workdir runs/reward --input r.jsonl --output s.jsonl --response_field reply
+      python tools/score.py --workdir runs/reward --input r.jsonl --output s.jsonl
 
 Input: one object per line with the prompt (``"prompt": [messages]`` or a plain string, as in
-`tools/sample.py`) and the response text (``"response"`` by default, `--response_field` to read
-another key, e.g. ``"reply"`` from `tools/sample.py`). Other fields pass through.
+`tools/sample.py`) and the response text: by default the ``"reply"`` field (what
+`tools/sample.py` writes), or ``"response"`` in a line without one; `--response_field` names
+another key. Other fields pass through.
 Every line is checked before the model is loaded; bad lines are reported as ``file:line: ...``
 and nothing is scored (exit 1).
 
@@ -30,6 +31,7 @@ except ImportError:  # Run as `python tools/score.py` from a checkout that isn't
 
 import numpy as np  # noqa: E402
 
+from jaxlm import errors  # noqa: E402
 from jaxlm import files  # noqa: E402
 from jaxlm import inference  # noqa: E402
 from jaxlm import policy_eval  # noqa: E402
@@ -37,9 +39,15 @@ from jaxlm.data.errors import DataError  # noqa: E402
 from jaxlm.data.schemas import validate_messages  # noqa: E402
 
 
-def read_pairs(path: str, response_field: str) -> tuple[list[tuple[dict, list[dict], str]], list[str]]:
-  """(record, prompt messages, response) per non-blank line, and the errors of bad lines."""
-  rows, errors = [], []
+DEFAULT_RESPONSE_FIELDS = ("reply", "response")  # tools/sample.py writes "reply"
+
+
+def read_pairs(path: str, response_field: str | None) -> tuple[list[tuple[dict, list[dict], str]], list[str]]:
+  """(record, prompt messages, response) per non-blank line, and the errors of bad lines.
+
+  `response_field` None: "reply", else "response" (`DEFAULT_RESPONSE_FIELDS`).
+  """
+  rows, problems = [], []
   with open(path, encoding="utf-8") as f:
     for number, line in enumerate(f, 1):
       if not line.strip():
@@ -55,15 +63,19 @@ def read_pairs(path: str, response_field: str) -> tuple[list[tuple[dict, list[di
         if prompt is None:
           raise DataError(where, "missing field 'prompt' (a list of messages or a string)")
         messages = validate_messages(prompt, where, "prompt")
-        response = record.get(response_field)
-        if not isinstance(response, str) or not response:
-          raise DataError(where, f"field {response_field!r}: expected a non-empty string")
+        field = response_field or next((f for f in DEFAULT_RESPONSE_FIELDS if f in record), None)
+        if field is None:
+          raise DataError(where, f"no response: expected a field {' or '.join(map(repr, DEFAULT_RESPONSE_FIELDS))} "
+                          f"(or name the field with --response_field); the line has {sorted(record)}")
+        response = record.get(field)
+        if not isinstance(response, str) or not response.strip():
+          raise DataError(where, f"field {field!r}: expected a non-empty string")
         rows.append((record, messages, response))
       except json.JSONDecodeError as e:
-        errors.append(f"{where}: not valid JSON ({e.msg})")
+        problems.append(f"{where}: not valid JSON ({e.msg})")
       except DataError as e:
-        errors.append(str(e))
-  return rows, errors
+        problems.append(str(e))
+  return rows, problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,26 +83,19 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--workdir", required=True, help="a reward-model run directory")
   parser.add_argument("--input", required=True, help="JSONL of {prompt, response} objects")
   parser.add_argument("--output", required=True, help="output JSONL (written atomically)")
-  parser.add_argument("--response_field", default="response", help="the key holding the response text")
+  parser.add_argument("--response_field", default=None,
+                      help="the key holding the response text (default: 'reply', else 'response')")
+  parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
   parser.add_argument("--batch_size", type=int, default=64, help="pairs per forward pass")
   args = parser.parse_args(argv)
-  try:
-    rows, errors = read_pairs(args.input, args.response_field)
-  except OSError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  if errors:
-    print("\n".join(f"error: {e}" for e in errors[:20]), file=sys.stderr)
-    return 1
-  try:
-    loaded = inference.load_run(args.workdir)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  rows, bad = read_pairs(args.input, args.response_field)
+  if bad:
+    more = f"\n... and {len(bad) - 20} more bad lines" if len(bad) > 20 else ""
+    raise DataError(args.input, f"{len(bad)} bad lines, nothing scored:\n" + "\n".join(bad[:20]) + more)
+  loaded = inference.load_run(args.workdir)
   if loaded.stage != "reward":
-    print(f"error: {args.workdir} is a {loaded.stage!r} run; scoring needs a reward-model run directory",
-          file=sys.stderr)
-    return 2
+    raise errors.ParentError(f"--workdir={args.workdir} is a {loaded.stage!r} run; scoring needs a "
+                             "reward-model run directory")
   judge = policy_eval.reward_model_judge(loaded.params, loaded.model_config, loaded.tokenizer,
                                          batch_size=args.batch_size)
   scores = np.asarray(judge([{"prompt": m} for _, m, _ in rows], [r for _, _, r in rows],
@@ -110,4 +115,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.guard(main)())

@@ -27,6 +27,7 @@ try:
 except ImportError:  # Run as `python tools/show_masks.py` from a checkout that isn't installed.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxlm import errors  # noqa: E402
 from jaxlm.chat_template import render_chat  # noqa: E402
 from jaxlm.data.errors import DataError  # noqa: E402
 from jaxlm.data.schemas import validate  # noqa: E402
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
   try:
-    sys.exit(main())
+    sys.exit(errors.guard(main)())
   except BrokenPipeError:  # `... | head`: stop quietly.
     sys.stderr.close()
     sys.exit(0)

@@ -38,6 +38,7 @@ from typing import Any
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from jaxlm import errors  # noqa: E402
 from jaxlm import report  # noqa: E402
 
 
@@ -251,4 +252,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.guard(main)())

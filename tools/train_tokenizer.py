@@ -22,6 +22,7 @@ try:
 except ImportError:  # Run from a checkout without `pip install -e .`.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxlm import errors
 from jaxlm import tokenizer as tokenizer_lib
 from jaxlm.data import sources, world
 from jaxlm.data.errors import DataError
@@ -57,4 +58,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.guard(main)())

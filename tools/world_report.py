@@ -26,6 +26,7 @@ try:
 except ImportError:  # Run from a checkout without `pip install -e .`.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxlm import errors
 from jaxlm.data import world
 from jaxlm.data import world_reward
 
@@ -143,4 +144,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  errors.guard(main)()
