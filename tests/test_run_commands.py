@@ -135,3 +135,10 @@ def test_ppo_normalises_with_a_real_estimate_and_logs_an_eta(tiny_pipeline):
   assert all(abs(row["reward_normalized"]) <= 10 for row in rows if "reward_normalized" in row)
   _, output = tiny_pipeline.stage("ppo")
   assert "s/iteration | ETA" in output
+
+
+def test_a_workdir_that_cannot_be_made_is_one_error_line(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  workdir = tmp_path / "a_file" / "run"
+  result = run(stage_command("pretrain", workdir), stage_environment(tmp_path / "cache"))
+  assert_one_error_line(result, f"{tmp_path / 'a_file'}", "Not a directory")

@@ -281,3 +281,36 @@ def test_eval_prompts_uses_every_prompt_when_there_are_fewer_than_asked(caplog):
   prompts = stage.eval_prompts(config, chats)
   assert [p["prompt"][0]["content"] for p in prompts] == ["q0", "q10", "q19", "q29"]
   assert stage.spread(30, 64) == list(range(30)) and stage.spread(5, 1) == [0] and stage.spread(0, 3) == []
+
+
+# --- Counts and skipped records in the run directory ----------------------------------------------
+
+
+def test_skipped_records_and_counts_reach_the_manifest_and_skipped_jsonl(tmp_path, world_tokenizer):
+  from jaxlm import checkpoint
+  from jaxlm.data import sources
+
+  chat = {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! " * 40}]}
+  lines = [json.dumps(chat)] * 199 + ['{"messages": [{"role": "user", "content": "no reply"}]}']
+  data = tmp_path / "chats.jsonl"
+  data.write_text("\n".join(lines) + "\n")
+  source = sources.open_source(f"jsonl:{data}", "chat", "train", cache_dir=str(tmp_path / "cache"),
+                               invalid="skip", max_invalid_fraction=0.01)
+  run = checkpoint.RunDir(tmp_path / "run")
+  os.makedirs(run.workdir)
+  run.write_manifest(stage="sft", parent=None, config={}, tokenizer_hash="x", data_source=source.description)
+  flat = stage.account_for_data(run, world_tokenizer, {"train": ("sft", source, dict(max_len=32))})
+  manifest = run.read_manifest()
+  assert manifest["data"]["invalid_skipped"] == 1 == flat["data/invalid_skipped"]
+  counts = manifest["data"]["pipelines"]["train"]
+  assert counts["seen"] == flat["data/train/seen"] > 0 and counts["truncated"] == counts["seen"]  # 32 tokens cut every chat.
+  skipped = [json.loads(line) for line in open(os.path.join(run.workdir, "skipped.jsonl"))]
+  assert len(skipped) == 1 and skipped[0]["where"] == f"{data}:200" and "assistant" in skipped[0]["reason"]
+
+
+def test_a_win_rate_without_a_judge_or_gold_reward_is_refused_before_generating():
+  from jaxlm import policy_eval
+
+  prompts = [{"prompt": [{"role": "user", "content": "hi"}], "meta": {}}]
+  with pytest.raises(errors.ConfigError, match=r"config.eval.judge: a win rate against the baseline needs a judge"):
+    policy_eval.PolicyEvaluator(None, None, None, prompts, max_new_tokens=4, rng=None)
