@@ -140,6 +140,8 @@ def main(argv) -> None:
   host_batch = stage.per_host_batch_size(config.batch_size)
   data_args = dict(max_len=config.seq_len, score_len=config.score_len, layout="shared", batch_size=host_batch,
                    seed=config.seed, shard=shard, length_policy=config.length_policy)
+  account = stage.DataAccount(tok, {"train": ("pairs", train_source, data_args),
+                                    "validation": ("pairs", valid_source, data_args)})  # Counts in the background.
   pairs = iter(pipelines.pairs_dataset(train_source, tok, num_threads=config.data.num_threads, **data_args))
   reference_logps = dpo.reference_fn(model_config)
   if config.reference.precompute:
@@ -170,8 +172,7 @@ def main(argv) -> None:
                      data_source=train_source.description, model_config=model_config,
                      extra={"num_params": model_lib.num_params(model_config), "loss": config.loss.name,
                             "beta": config.loss.beta})
-  data_counts = stage.account_for_data(run, tok, {"train": ("pairs", train_source, data_args),
-                                                  "validation": ("pairs", valid_source, data_args)})
+  data_counts = account.record(run)
 
   # ----------------------------------------------------------------------------------------------
   # The update step and the evaluations.

@@ -191,6 +191,7 @@ def main(argv) -> None:
   # Data: training prompts (resumable), held-out prompts for the shared evaluation.
   # ----------------------------------------------------------------------------------------------
   host_batch = stage.per_host_batch_size(config.rollout_batch)
+  account = stage.DataAccount(tok, {"train": ("prompts", prompt_source, dict(max_prompt_len=config.max_prompt_len))})
   prompt_iter = iter(pipelines.prompts_dataset(prompt_source, tok, max_prompt_len=config.max_prompt_len,
                                                batch_size=host_batch, seed=config.seed,
                                                shard=pipelines.HostShard.from_jax(),
@@ -201,8 +202,7 @@ def main(argv) -> None:
                      data_source=prompt_source.description, model_config=model_config,
                      extra={"num_params": model_lib.num_params(model_config), "reward_from": config.reward_from,
                             "value_from": config.value_from, "role_memory_bytes": ppo_lib.role_memory(model_config)})
-  data_counts = stage.account_for_data(run, tok, {"train": ("prompts", prompt_source,
-                                                            dict(max_prompt_len=config.max_prompt_len))})
+  data_counts = account.record(run)
   evaluator = policy_eval.PolicyEvaluator(
       reference_params, model_config, tok, stage.eval_prompts(config), max_new_tokens=config.eval.max_new_tokens,
       rng=jax.random.key(config.seed), sampling=sampling.SamplingConfig(temperature=config.eval.temperature),

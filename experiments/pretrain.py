@@ -109,6 +109,8 @@ def main(argv) -> None:
   # Data and tokenizer.
   # ----------------------------------------------------------------------------------------------
   tok = get_tokenizer(config, run, train_source)
+  account = stage.DataAccount(tok, {"train": ("pretraining", train_source, dict(seq_len=config.seq_len)),
+                                    "validation": ("pretraining", valid_source, dict(seq_len=config.seq_len))})
   shard = pipelines.HostShard.from_jax()
   host_batch = stage.per_host_batch_size(config.batch_size)
   train_data = pipelines.pretraining_dataset(train_source, tok, seq_len=config.seq_len, batch_size=host_batch,
@@ -146,9 +148,7 @@ def main(argv) -> None:
   run.write_manifest(stage=config.stage, parent=config.init_from or None, config=config,
                      tokenizer_hash=tok.content_hash, data_source=train_source.description,
                      model_config=model_config)
-  data_counts = stage.account_for_data(run, tok, {
-      "train": ("pretraining", train_source, dict(seq_len=config.seq_len)),
-      "validation": ("pretraining", valid_source, dict(seq_len=config.seq_len))})
+  data_counts = account.record(run)
 
   # ----------------------------------------------------------------------------------------------
   # The update step and the fixed validation batches.

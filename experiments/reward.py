@@ -110,6 +110,8 @@ def main(argv) -> None:
   host_batch = stage.per_host_batch_size(config.batch_size)
   data_args = dict(max_len=config.seq_len, batch_size=host_batch, seed=config.seed, shard=shard,
                    length_policy=config.length_policy)
+  account = stage.DataAccount(tok, {"train": ("pairs", train_source, data_args),
+                                    "validation": ("pairs", valid_source, data_args)})  # Counts in the background.
   train_data = pipelines.pairs_dataset(train_source, tok, num_threads=config.data.num_threads, **data_args)
   valid_iter = iter(pipelines.pairs_dataset(valid_source, tok, num_epochs=1, shuffle=False, **data_args))
   valid_host = [b for b in (next(valid_iter, None) for _ in range(config.num_eval_batches)) if b is not None]
@@ -138,8 +140,7 @@ def main(argv) -> None:
                      data_source=train_source.description, model_config=model_config,
                      extra={"num_params": model_lib.num_params(model_config, scalar_head=True),
                             "parent_stage": parent.manifest.get("stage")})
-  data_counts = stage.account_for_data(run, tok, {"train": ("pairs", train_source, data_args),
-                                                  "validation": ("pairs", valid_source, data_args)})
+  data_counts = account.record(run)
 
   # ----------------------------------------------------------------------------------------------
   # The update step and the held-out evaluation.

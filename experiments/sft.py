@@ -93,6 +93,8 @@ def main(argv) -> None:
   host_batch = stage.per_host_batch_size(config.batch_size)
   data_args = dict(max_len=config.seq_len, batch_size=host_batch, seed=config.seed, shard=shard,
                    packing=config.packing, length_policy=config.length_policy)
+  account = stage.DataAccount(tok, {"train": ("sft", train_source, data_args),
+                                    "validation": ("sft", valid_source, data_args)})  # Counts in the background.
   train_data = pipelines.sft_dataset(train_source, tok, num_threads=config.data.num_threads, **data_args)
   valid_data = pipelines.sft_dataset(valid_source, tok, num_epochs=1, shuffle=False, **data_args)
   prompts = stage.eval_prompts(config, valid_source)
@@ -120,8 +122,7 @@ def main(argv) -> None:
   run.write_manifest(stage=config.stage, parent=config.init_from, config=config, tokenizer_hash=tok.content_hash,
                      data_source=train_source.description, model_config=model_config,
                      extra={"num_params": model_lib.num_params(model_config)})
-  data_counts = stage.account_for_data(run, tok, {"train": ("sft", train_source, data_args),
-                                                  "validation": ("sft", valid_source, data_args)})
+  data_counts = account.record(run)
 
   # ----------------------------------------------------------------------------------------------
   # The update step, held-out loss, and generation on held-out prompts.

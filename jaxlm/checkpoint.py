@@ -28,7 +28,7 @@ One stage run writes one directory::
   final_metrics     flat {name: number or null}: the stage's headline numbers
   data              per pipeline (e.g. "train", "validation"): seen / kept / truncated / dropped
                     and dropped_by_reason; invalid records skipped (`data.invalid=skip`, listed in
-                    skipped.jsonl) and records read (`jaxlm.stage.account_for_data`)
+                    skipped.jsonl) and records read (`jaxlm.stage.DataAccount`)
   extra             anything else the stage wants to record
 
 Checkpoints never replace a good one with a bad one. Orbax writes each step into a temporary
@@ -244,7 +244,7 @@ class RunDir:
       complete: mark the run complete (or not); None leaves it.
       extra: merged into `extra`.
       data: replaces `data`: what the data pipelines saw, kept, truncated and dropped
-        (`jaxlm.stage.account_for_data`).
+        (`jaxlm.stage.DataAccount`).
 
     Returns:
       The updated manifest ({} on processes other than 0, which may not see the file).

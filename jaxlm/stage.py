@@ -8,6 +8,7 @@ way from stage to stage.
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -209,48 +210,70 @@ def open_split(config, kind: str, split: str, source: str | None = None) -> sour
       max_invalid_fraction=data.max_invalid_fraction)
 
 
-def account_for_data(run: checkpoint.RunDir, tokenizer, pipelines_used: Mapping[str, tuple[str, Any, Mapping]],
-                     ) -> dict[str, Any]:
-  """Counts what every pipeline of the stage will see, keep, truncate and drop, before training.
+class DataAccount:
+  """What every pipeline of the stage will see, keep, truncate and drop: counted before training.
 
-  Args:
-    run: the run directory: its manifest gets the counts (`data`), and `skipped.jsonl` the
-      invalid records the sources skipped (`config.data.invalid=skip`), with file:line and reason.
-    tokenizer: the stage's tokenizer.
-    pipelines_used: {name: (pipeline kind, source, the dataset function's keyword arguments)},
-      e.g. {"train": ("sft", train_source, data_args)} (`pipelines.count_examples`).
+  The count (`pipelines.count_examples`, one pass over each source with the pipeline's own
+  rendering) starts on a background thread when the account is opened, so it overlaps the
+  stage's set-up (parent loading, compilation, reference passes: XLA work that leaves the GIL
+  and the second core free); `record` waits for it, then logs, warns and writes.
 
-  Returns:
-    Flat metrics for metrics.jsonl: ``data/<name>/<seen|kept|truncated|dropped>`` and
-    ``data/invalid_skipped``.
+  Usage::
 
-  Logs one line per pipeline, as a warning when more than 1% was truncated or dropped.
+    account = stage.DataAccount(tok, {"train": ("sft", train_source, data_args), ...})
+    ...                                   # set-up
+    run.write_manifest(...)
+    data_counts = account.record(run)     # before training; flat metrics for metrics.jsonl
   """
-  counts, flat = {}, {}
-  for name, (kind, source, args) in pipelines_used.items():
-    counts[name] = pipelines.count_examples(kind, source, tokenizer, **args)
-    line = f"{pipelines.format_counts(name, counts[name])} [{source.description}]"
-    if pipelines.needs_warning(counts[name]):
-      logging.warning("%s: more than 1%% truncated or dropped; raise the length limits (or check the data) "
-                      "if that matters", line)
-    else:
-      logging.info("%s", line)
-    flat.update({f"data/{name}/{key}": counts[name][key] for key in ("seen", "kept", "truncated", "dropped")})
-  skipped: dict[str, dict] = {}
-  for _, source, _ in pipelines_used.values():
-    for item in getattr(source, "skipped", None) or []:
-      skipped.setdefault(item["where"], dict(item))
-  read = {source.description: source.num_read for _, source, _ in pipelines_used.values()
-          if getattr(source, "num_read", None) is not None}
-  if skipped:
-    logging.warning("%d invalid records were skipped (config.data.invalid=skip); listed in %s", len(skipped),
-                    os.path.join(run.workdir, "skipped.jsonl"))
-  if jax.process_index() == 0 and (skipped or os.path.exists(os.path.join(run.workdir, "skipped.jsonl"))):
-    files.atomic_write(os.path.join(run.workdir, "skipped.jsonl"),
-                       "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in skipped.values()))
-  flat["data/invalid_skipped"] = len(skipped)
-  run.update_manifest(data={"pipelines": counts, "invalid_skipped": len(skipped), "records_read": read})
-  return flat
+
+  def __init__(self, tokenizer, pipelines_used: Mapping[str, tuple[str, Any, Mapping]]):
+    """Starts counting.
+
+    Args:
+      tokenizer: the stage's tokenizer.
+      pipelines_used: {name: (pipeline kind, source, the dataset function's keyword arguments)},
+        e.g. {"train": ("sft", train_source, data_args)} (`pipelines.count_examples`).
+    """
+    self.pipelines_used = dict(pipelines_used)
+    executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="data-account")
+    self._counts = executor.submit(lambda: {name: pipelines.count_examples(kind, source, tokenizer, **args)
+                                            for name, (kind, source, args) in self.pipelines_used.items()})
+    executor.shutdown(wait=False)
+
+  def record(self, run: checkpoint.RunDir) -> dict[str, Any]:
+    """Waits for the counts; logs them; writes them to the manifest (`data`) and the skipped records
+    (`config.data.invalid=skip`) to skipped.jsonl with file:line and reason.
+
+    Returns:
+      Flat metrics for metrics.jsonl: ``data/<name>/<seen|kept|truncated|dropped>`` and
+      ``data/invalid_skipped``.
+
+    Logs one line per pipeline, as a warning when more than 1% was truncated or dropped.
+    """
+    counts, flat = self._counts.result(), {}
+    for name, (_, source, _) in self.pipelines_used.items():
+      line = f"{pipelines.format_counts(name, counts[name])} [{source.description}]"
+      if pipelines.needs_warning(counts[name]):
+        logging.warning("%s: more than 1%% truncated or dropped; raise the length limits (or check the data) "
+                        "if that matters", line)
+      else:
+        logging.info("%s", line)
+      flat.update({f"data/{name}/{key}": counts[name][key] for key in ("seen", "kept", "truncated", "dropped")})
+    sources_used = [source for _, source, _ in self.pipelines_used.values()]
+    skipped: dict[str, dict] = {}
+    for source in sources_used:
+      for item in getattr(source, "skipped", None) or []:
+        skipped.setdefault(item["where"], dict(item))
+    read = {source.description: source.num_read for source in sources_used
+            if getattr(source, "num_read", None) is not None}
+    path = os.path.join(run.workdir, "skipped.jsonl")
+    if skipped:
+      logging.warning("%d invalid records were skipped (config.data.invalid=skip); listed in %s", len(skipped), path)
+    if jax.process_index() == 0 and (skipped or os.path.exists(path)):
+      files.atomic_write(path, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in skipped.values()))
+    flat["data/invalid_skipped"] = len(skipped)
+    run.update_manifest(data={"pipelines": counts, "invalid_skipped": len(skipped), "records_read": read})
+    return flat
 
 
 def eval_prompts(config, validation: sources.RecordSource | None = None) -> list[dict]:

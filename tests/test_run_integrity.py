@@ -299,7 +299,7 @@ def test_skipped_records_and_counts_reach_the_manifest_and_skipped_jsonl(tmp_pat
   run = checkpoint.RunDir(tmp_path / "run")
   os.makedirs(run.workdir)
   run.write_manifest(stage="sft", parent=None, config={}, tokenizer_hash="x", data_source=source.description)
-  flat = stage.account_for_data(run, world_tokenizer, {"train": ("sft", source, dict(max_len=32))})
+  flat = stage.DataAccount(world_tokenizer, {"train": ("sft", source, dict(max_len=32))}).record(run)
   manifest = run.read_manifest()
   assert manifest["data"]["invalid_skipped"] == 1 == flat["data/invalid_skipped"]
   counts = manifest["data"]["pipelines"]["train"]
