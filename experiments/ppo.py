@@ -202,7 +202,6 @@ def main(argv) -> None:
                      data_source=prompt_source.description, model_config=model_config,
                      extra={"num_params": model_lib.num_params(model_config), "reward_from": config.reward_from,
                             "value_from": config.value_from, "role_memory_bytes": ppo_lib.role_memory(model_config)})
-  data_counts = account.record(run)
   evaluator = policy_eval.PolicyEvaluator(
       reference_params, model_config, tok, stage.eval_prompts(config), max_new_tokens=config.eval.max_new_tokens,
       rng=jax.random.key(config.seed), sampling=sampling.SamplingConfig(temperature=config.eval.temperature),
@@ -215,7 +214,6 @@ def main(argv) -> None:
                                mesh=mesh, rules=rules)
   writer = metrics_lib.MetricWriter(run.workdir)
   writer.resume(int(state.step))
-  writer.write(int(state.step), data_counts)
 
   def run_eval(state, iteration: int) -> dict[str, float]:
     result, rows = evaluator(state.params)
@@ -271,6 +269,8 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   # The iteration loop: log every iteration, evaluate, checkpoint, obey alarms and preemption.
   # ----------------------------------------------------------------------------------------------
+  # The data counts (`account`, counted while the stage set up): logged, in the manifest and metrics.
+  writer.write(int(state.step), account.record(run))
   controller = kl_controller(config, float(state.kl_coef))
   iteration = int(state.step)
   keeper = trainer.Safekeeping(ckpt=ckpt, run=run, data_iter=prompt_iter, writer=writer, session_start=session_start,

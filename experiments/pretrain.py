@@ -148,7 +148,6 @@ def main(argv) -> None:
   run.write_manifest(stage=config.stage, parent=config.init_from or None, config=config,
                      tokenizer_hash=tok.content_hash, data_source=train_source.description,
                      model_config=model_config)
-  data_counts = account.record(run)
 
   # ----------------------------------------------------------------------------------------------
   # The update step and the fixed validation batches.
@@ -174,13 +173,14 @@ def main(argv) -> None:
   writer = metrics_lib.MetricWriter(run.workdir)
   start_step = int(state.step)
   writer.resume(start_step)  # Drops rows a killed session logged after its last checkpoint.
-  writer.write(start_step, data_counts)
   peak = metrics_lib.peak_flops_per_device()
   progress = metrics_lib.Progress(
       config.total_steps, tokens_per_step=config.batch_size * config.seq_len,
       flops_per_token=model_lib.flops_per_token(model_config, config.seq_len, causal=True),
       peak_flops=peak * jax.device_count() if peak else None, every=config.log_every,
       keys=("loss", "accuracy"), start_step=start_step)
+  # The data counts (`account`, counted while the stage set up): logged, in the manifest and metrics.
+  writer.write(start_step, account.record(run))
   state = trainer.fit(state, loop=loop, train_step=train_step, train_iter=train_iter, mesh=mesh, rules=rules,
                       ckpt=ckpt, run=run, writer=writer, progress=progress, run_eval=run_eval,
                       session_start=session_start)

@@ -140,7 +140,6 @@ def main(argv) -> None:
                      data_source=train_source.description, model_config=model_config,
                      extra={"num_params": model_lib.num_params(model_config, scalar_head=True),
                             "parent_stage": parent.manifest.get("stage")})
-  data_counts = account.record(run)
 
   # ----------------------------------------------------------------------------------------------
   # The update step and the held-out evaluation.
@@ -155,7 +154,6 @@ def main(argv) -> None:
   eval_batches = [training.shard_batch(b, mesh, rules) for b in valid_host]
   writer = metrics_lib.MetricWriter(run.workdir)
   writer.resume(int(state.step))
-  writer.write(int(state.step), data_counts)
 
   def run_eval(state: training.TrainState, step: int) -> dict[str, float]:
     result = {"val_loss": training.evaluate(eval_step, state.params, eval_batches)["loss"]}
@@ -171,6 +169,8 @@ def main(argv) -> None:
       config.total_steps, tokens_per_step=2 * config.batch_size * config.seq_len,
       flops_per_token=model_lib.flops_per_token(model_config, config.seq_len, causal=True),
       every=config.log_every, keys=("loss", "accuracy"), start_step=int(state.step))
+  # The data counts (`account`, counted while the stage set up): logged, in the manifest and metrics.
+  writer.write(int(state.step), account.record(run))
   state = trainer.fit(state, loop=loop, train_step=train_step, train_iter=train_iter, mesh=mesh, rules=rules,
                       ckpt=ckpt, run=run, writer=writer, progress=progress, run_eval=run_eval,
                       session_start=session_start)

@@ -122,7 +122,6 @@ def main(argv) -> None:
   run.write_manifest(stage=config.stage, parent=config.init_from, config=config, tokenizer_hash=tok.content_hash,
                      data_source=train_source.description, model_config=model_config,
                      extra={"num_params": model_lib.num_params(model_config)})
-  data_counts = account.record(run)
 
   # ----------------------------------------------------------------------------------------------
   # The update step, held-out loss, and generation on held-out prompts.
@@ -137,7 +136,6 @@ def main(argv) -> None:
                   (next(valid_iter, None) for _ in range(config.num_eval_batches)) if b is not None]
   writer = metrics_lib.MetricWriter(run.workdir)
   writer.resume(int(state.step))  # Drops rows a killed session logged after its last checkpoint.
-  writer.write(int(state.step), data_counts)
 
   def generate_eval(params, step: int, prefix: str = "") -> dict[str, float]:
     metrics, rows = policy_eval.evaluate_policy(
@@ -169,6 +167,8 @@ def main(argv) -> None:
       config.total_steps, tokens_per_step=config.batch_size * config.seq_len,
       flops_per_token=model_lib.flops_per_token(model_config, config.seq_len, causal=True),
       every=config.log_every, keys=("loss", "accuracy"), start_step=int(state.step))
+  # The data counts (`account`, counted while the stage set up): logged, in the manifest and metrics.
+  writer.write(int(state.step), account.record(run))
   state = trainer.fit(state, loop=loop, train_step=train_step, train_iter=train_iter, mesh=mesh, rules=rules,
                       ckpt=ckpt, run=run, writer=writer, progress=progress, run_eval=run_eval,
                       session_start=session_start)
