@@ -78,14 +78,14 @@ def _lock(workdir: str) -> workdir_lock.WorkdirLock:
   lock = workdir_lock.WorkdirLock(workdir)
   if jax.process_count() == 1:
     return lock.acquire()
-  message = ""
+  busy = False
   if jax.process_index() == 0:
     try:
       lock.acquire()
-    except errors.RunDirError as e:
-      message = str(e)
-  if int(multihost_utils.broadcast_one_to_all(np.int32(bool(message)))):
-    raise errors.RunDirError(message or f"{workdir} is in use by another process (process 0 says why)")
+    except errors.RunDirError:
+      busy = True
+  if int(multihost_utils.broadcast_one_to_all(np.int32(busy))):
+    raise lock.busy_error()  # Every process names the holder (the lock file is on the shared workdir).
   return lock
 
 

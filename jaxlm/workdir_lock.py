@@ -63,6 +63,12 @@ class WorkdirLock:
     except (OSError, ValueError):
       return None
 
+  def busy_error(self) -> errors.RunDirError:
+    """The error of a second process on this workdir, naming the holder the lock file records."""
+    return errors.RunDirError(
+        f"{self.workdir} is in use by {_describe(self.holder() or {})}: one process writes a run directory "
+        "at a time; wait for it to finish (or stop it), or use another --workdir")
+
   def acquire(self) -> "WorkdirLock":
     """Takes the lock or raises `errors.RunDirError` naming the process that holds it."""
     if self._fd is not None:
@@ -74,10 +80,7 @@ class WorkdirLock:
     except OSError as e:
       os.close(fd)
       if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-        holder = self.holder() or {}
-        raise errors.RunDirError(
-            f"{self.workdir} is in use by {_describe(holder)}: one process writes a run directory "
-            "at a time; wait for it to finish (or stop it), or use another --workdir") from None
+        raise self.busy_error() from None
       if e.errno in _UNSUPPORTED:
         logging.warning("%s: the file system does not support locks (%s); a second process on this "
                         "workdir would not be stopped", self.workdir, e.strerror)

@@ -67,3 +67,47 @@ def test_two_processes_give_the_losses_of_one():
   assert expected.shape == (4, 2)
   for stdout, _ in outputs:
     np.testing.assert_allclose(_losses(stdout), expected, rtol=2e-5)
+
+
+OPEN_RUN = """
+import sys
+import jax
+process, count, port, workdir = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=count, process_id=process)
+from jaxlm import cli, errors, stage
+config = cli.load_config("configs/pretrain.py:tiny")
+try:
+  stage.open_run(config, workdir)
+  print("OPENED", flush=True)
+except errors.RunDirError as e:
+  print("REFUSED", e, flush=True)
+"""
+
+
+def _open_run_in_two_processes(workdir) -> list[str]:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  port = portpicker.pick_unused_port()
+  workers = [subprocess.Popen([sys.executable, "-c", OPEN_RUN, str(i), "2", str(port), str(workdir)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [w.communicate(timeout=300) for w in workers]
+  for worker, (_, stderr) in zip(workers, outputs):
+    assert worker.returncode == 0, stderr[-3000:]
+  # Gloo prints its own lines: keep ours.
+  return ["\n".join(line for line in stdout.splitlines() if line.startswith(("OPENED", "REFUSED")))
+          for stdout, _ in outputs]
+
+
+def test_a_two_process_job_is_one_writer_and_agrees_on_a_busy_workdir(tmp_path):
+  from jaxlm import workdir_lock
+
+  workdir = tmp_path / "run"
+  with workdir_lock.WorkdirLock(workdir):  # Another job holds it: both processes refuse.
+    outputs = _open_run_in_two_processes(workdir)
+  assert all(out.startswith("REFUSED") and f"in use by pid {os.getpid()} " in out for out in outputs), outputs
+  assert not (workdir / "config.json").exists()
+  outputs = _open_run_in_two_processes(workdir)  # Free: the job opens it once, process 0 writing.
+  assert all(out.strip() == "OPENED" for out in outputs), outputs
+  assert (workdir / "config.json").exists()
+  assert len((workdir / "config_history.jsonl").read_text().splitlines()) == 1
