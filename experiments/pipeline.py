@@ -209,7 +209,6 @@ def preflight(actions: list[tuple[str, str]], workdir: str, preset: str, overrid
   Raises `errors.UserError` (a config key or value, a parent, a run directory) naming the stage.
   """
   from jaxlm import cli  # Deferred: these import JAX, which the plan and the report do not need.
-  from jaxlm import resume
   from jaxlm import stage as stage_lib
 
   to_run = [s for s, action in actions if action == "run"]
@@ -220,12 +219,7 @@ def preflight(actions: list[tuple[str, str]], workdir: str, preset: str, overrid
       config = cli.load_config(f"configs/{name}.py:{preset}", config_overrides(name, workdir, overrides.get(name, [])))
       module.check_config(config)
       stage_lib.check_parents(config, module.PARENTS, produced=produced)
-      run_dir = stage_dir(workdir, name)
-      stage_lib.check_workdir(run_dir, name)
-      config_path = os.path.join(run_dir, "config.json")
-      if os.path.exists(config_path) and resume.has_checkpoint(run_dir):
-        with open(config_path) as f:
-          resume.check(run_dir, json.load(f), config, resume_changes.get(name, []))
+      stage_lib.check_run(config, stage_dir(workdir, name), resume_changes=resume_changes.get(name, []))
     except errors.UserError as e:
       raise PipelineError(f"stage {name}: {e}") from e
 

@@ -35,7 +35,6 @@ import shutil
 from typing import Any, Iterable, Mapping
 
 from jaxlm import errors
-from jaxlm import files
 
 HISTORY_FILE = "config_history.jsonl"
 _ABSENT = "<absent>"
@@ -118,7 +117,7 @@ def normalise_names(names: Iterable[str], config: Any) -> list[str]:
     if not name:
       continue
     name = name.removeprefix("config.")
-    if not any(key == name or key.startswith(f"{name}.") for key in keys):
+    if not any(_named(key, [name]) for key in keys):
       raise errors.ConfigError("", f"--resume_changes names {name!r}, which is not a config key"
                                f"{errors.did_you_mean(name, keys)}")
     out.append(name)
@@ -155,16 +154,14 @@ def now() -> str:
 
 def record(workdir: str, config: Any, changes: Mapping[str, tuple[Any, Any]] | None, *,
            event: str | None = None) -> None:
-  """Writes config.json and appends the session's row to config_history.jsonl.
+  """Appends the session's row to config_history.jsonl (the caller then writes config.json).
 
-  `changes` None: the run is new ("created"). Empty: nothing to record (config.json unchanged).
-  `event` overrides the row's event (e.g. "restarted").
+  `changes` None: the run is new ("created"). Empty: nothing to record. `event` overrides the
+  row's event (e.g. "restarted").
   """
   if changes is not None and not changes:
     return
-  plain = plain_config(config)
   row = {"time": now(), "event": event or ("created" if changes is None else "resumed with changes"),
-         "changes": {k: [old, new] for k, (old, new) in (changes or {}).items()}, "config": plain}
+         "changes": {k: [old, new] for k, (old, new) in (changes or {}).items()}, "config": plain_config(config)}
   with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
     f.write(json.dumps(row) + "\n")
-  files.atomic_write(os.path.join(workdir, "config.json"), json.dumps(plain, indent=2) + "\n")

@@ -134,8 +134,9 @@ def open_run(config, workdir: str, *, resume_changes: Sequence[str] = ()) -> che
   elif changes:
     logging.warning("resuming %s with changed config: %s", run.workdir,
                     "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()))
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and changes != {}:  # A new run, or an accepted change: record it.
     resume.record(run.workdir, config, changes, event=event)
+    run.write_config(config)
   return run
 
 
