@@ -9,11 +9,12 @@ trains, later stages from their parent's tokenizer.
 from ml_collections import config_dict
 
 # Transformer shapes (`jaxlm.model.ModelConfig` fields). Parameter counts with tied embeddings
-# at the preset's vocabulary (`jaxlm.model.num_params`; tests/test_configs.py keeps them true):
+# at the preset's vocabulary (the size of the tokenizer configs/pretrain.py trains for it) (`jaxlm.model.num_params`; tests/test_configs.py keeps them true):
 #   tiny        918,656 (vocab 512)       tests and smoke runs: seconds on a laptop CPU
 #   cpu       1,115,264 (vocab 2048)      the embedded world on 2 CPU cores in ~2 minutes
-#   gpt2_124m 123,587,328 (vocab 50304)   GPT-2 small's shape (SwiGLU, M = 2048 keeps 4E GELU's size)
-#   1b      1,046,824,960 (vocab 50304)   GQA, bf16 compute, remat: a GPU host or a TPU slice
+#   gpt2_124m 109,529,856 (vocab 32000)   GPT-2 small's shape (SwiGLU, M = 2048 keeps 4E GELU's size);
+#                                         124M is GPT-2's count at its own vocabulary (50257)
+#   1b      1,009,338,368 (vocab 32000)   GQA, bf16 compute, remat: a GPU host or a TPU slice
 # How the `cpu` preset runs (not what it computes; a later stage may change these): the layer
 # loop unrolled and causal attention in query blocks. Together 1.3-1.6x faster than the defaults
 # on XLA:CPU for a DPO step, blocked attention the larger part (README, DPO section).
@@ -23,9 +24,9 @@ MODEL_PRESETS = {
                  mlp_dim=384, max_len=256),  # tests: compile-bound, so the defaults (1 s less per stage)
     "cpu": dict(vocab_size=2048, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
                 mlp_dim=384, max_len=512, **CPU_EXECUTION),
-    "gpt2_124m": dict(vocab_size=50304, embed_dim=768, num_layers=12, num_heads=12, num_kv_heads=12,
+    "gpt2_124m": dict(vocab_size=32000, embed_dim=768, num_layers=12, num_heads=12, num_kv_heads=12,
                       head_dim=64, mlp_dim=2048, max_len=1024, dtype="bfloat16"),
-    "1b": dict(vocab_size=50304, embed_dim=2048, num_layers=20, num_heads=16, num_kv_heads=8, head_dim=128,
+    "1b": dict(vocab_size=32000, embed_dim=2048, num_layers=20, num_heads=16, num_kv_heads=8, head_dim=128,
                mlp_dim=5632, max_len=2048, dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable"),
 }
 

@@ -65,7 +65,7 @@ def check_config(config) -> trainer.LoopConfig:
 
 
 def reference_table(run: checkpoint.RunDir, reference_params, model_config, source, tok, config,
-                    data_args: dict) -> np.ndarray:
+                    data_args: dict, *, mesh, rules) -> np.ndarray:
   """The reference log-probs of the training pairs this run will see: loaded, or computed once.
 
   The pairs come from a second iterator with the training iterator's exact arguments, read for
@@ -92,7 +92,8 @@ def reference_table(run: checkpoint.RunDir, reference_params, model_config, sour
   start = time.perf_counter()
   pairs = iter(pipelines.pairs_dataset(source, tok, num_threads=config.data.num_threads, **data_args))
   table = dpo.precompute_reference(reference_params, model_config,
-                                   (next(pairs) for _ in range(config.total_steps)), len(source))
+                                   (next(pairs) for _ in range(config.total_steps)), len(source), mesh=mesh,
+                                   rules=rules)
   buffer = io.BytesIO()
   np.save(buffer, table)
   files.atomic_write(path, buffer.getvalue())
@@ -143,16 +144,24 @@ def main(argv) -> None:
   account = stage.DataAccount(tok, {"train": ("pairs", train_source, data_args),
                                     "validation": ("pairs", valid_source, data_args)})  # Counts in the background.
   pairs = iter(pipelines.pairs_dataset(train_source, tok, num_threads=config.data.num_threads, **data_args))
-  reference_logps = dpo.reference_fn(model_config)
+  # The reference pass runs on the mesh like the train step: params sharded as the policy's,
+  # pairs split over the batch axes. With a precomputed table the placed copy is dropped after
+  # the table and the held-out pairs are scored, so training holds one model.
+  reference_logps = dpo.reference_fn(model_config, mesh=mesh, rules=rules)
+  reference_on_mesh = jax.tree.map(lambda x, target: jax.device_put(x, target.sharding), reference.params,
+                                   abstract_state.params)
   if config.reference.precompute:
-    train_iter = dpo.ReferenceAttacher(
-        pairs, table=reference_table(run, reference.params, model_config, train_source, tok, config, data_args))
+    train_iter = dpo.ReferenceAttacher(pairs, table=reference_table(run, reference_on_mesh, model_config, train_source,
+                                                                    tok, config, data_args, mesh=mesh, rules=rules))
   else:
-    train_iter = dpo.ReferenceAttacher(pairs, params=jax.device_put(reference.params), compute=reference_logps)
+    train_iter = dpo.ReferenceAttacher(pairs, params=reference_on_mesh, compute=reference_logps)
   valid_iter = iter(pipelines.pairs_dataset(valid_source, tok, num_epochs=1, shuffle=False, **data_args))
   valid_host = [b for b in (next(valid_iter, None) for _ in range(config.num_eval_batches)) if b is not None]
-  online = dpo.ReferenceAttacher(iter(()), params=reference.params, compute=reference_logps)
+  online = dpo.ReferenceAttacher(iter(()), params=reference_on_mesh, compute=reference_logps)
   valid_batches = [online.attach(b) for b in valid_host]
+  del online
+  if config.reference.precompute:
+    del reference_on_mesh
   prompts = stage.eval_prompts(config, valid_source)
   evaluator = policy_eval.PolicyEvaluator(
       reference.params, model_config, tok, prompts, max_new_tokens=config.eval.max_new_tokens,

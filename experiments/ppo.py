@@ -151,11 +151,13 @@ def main(argv) -> None:
   # ----------------------------------------------------------------------------------------------
   policy_init = functools.partial(model_lib.init_params, model_config)
   value_init = functools.partial(model_lib.init_params, model_config, scalar_head=True)
-  policy_abstract = training.abstract_train_state(policy_init, _tx(config.policy_optimizer, config, policy_init), mesh, rules)
+  roles = ppo_lib.state_spec(config, model_config, mesh, rules)
+  policy_tx, value_tx, abstract_state = roles.policy_tx, roles.value_tx, roles.abstract_state
+  state_shardings = roles.shardings
   place = lambda tree, like: jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), tree, like)
   sft = checkpoint.load_parent(config.init_from, expect_tokenizer_hash=tok.content_hash,
                                expect_model_config=model_config)
-  reference_params = place(sft.params, policy_abstract.params)  # Forward-only, sharded like the policy.
+  reference_params = place(sft.params, abstract_state.params)  # Forward-only, sharded like the policy.
   reward_params = None
   if config.reward_from != "gold":
     reward_run = checkpoint.load_parent(config.reward_from, expect_tokenizer_hash=tok.content_hash,
@@ -163,17 +165,8 @@ def main(argv) -> None:
     if reward_run.manifest.get("stage") != "reward":
       raise errors.ParentError(f"config.reward_from={config.reward_from!r} is a {reward_run.manifest.get('stage')!r} "
                        "run, not a reward model")
-    value_abstract_params = training.abstract_train_state(
-        value_init, _tx(config.value_optimizer, config, value_init), mesh, rules).params
-    reward_params = place(reward_run.params, value_abstract_params)
+    reward_params = place(reward_run.params, abstract_state.value.params)  # Sharded like the value model.
   reward_mean, reward_std = reward_statistics(config)
-
-  policy_tx, value_tx = _tx(config.policy_optimizer, config, policy_init), _tx(config.value_optimizer, config, value_init)
-  abstract_state = ppo_lib.combine_states(
-      training.abstract_train_state(policy_init, policy_tx, mesh, rules),
-      training.abstract_train_state(value_init, value_tx, mesh, rules),
-      jax.ShapeDtypeStruct((), jnp.float32, sharding=policy_abstract.step.sharding))
-  state_shardings = jax.tree.map(lambda x: x.sharding, abstract_state)
 
   def init() -> ppo_lib.PPOState:
     policy, _ = training.create_train_state(policy_init, policy_tx, jax.random.key(config.seed), mesh, rules)
@@ -209,7 +202,8 @@ def main(argv) -> None:
   if "reference_well_formed" not in run.read_manifest().get("final_metrics", {}):
     run.update_manifest(final_metrics={f"reference_{k}": v for k, v in evaluator.reference_metrics().items()})
 
-  scorer = ppo_lib.make_scorer(model_config, model_config if reward_params is not None else None, ppo)
+  scorer = ppo_lib.make_scorer(model_config, model_config if reward_params is not None else None, ppo,
+                               mesh=mesh, rules=rules)
   update = ppo_lib.make_update(model_config, ppo, policy_tx, value_tx, state_shardings=state_shardings,
                                mesh=mesh, rules=rules)
   writer = metrics_lib.MetricWriter(run.workdir)
@@ -328,14 +322,6 @@ class IterationTimer:
     per_iteration = (now - self.since) / (iteration - self.first)
     remaining = (self.total - iteration) * per_iteration
     return f"{per_iteration:.1f}s/iteration | ETA {metrics_lib.format_duration(remaining)}"
-
-
-def _tx(section, config, init_fn):
-  """AdamW of an optimizer section over `config.total_steps` PPO iterations' worth of updates."""
-  updates = config.total_steps * config.ppo.ppo_epochs * config.ppo.num_minibatches
-  abstract_params = jax.eval_shape(lambda: sharding.unbox(init_fn(jax.random.key(0))))
-  tx, _ = training.make_optimizer(**section, total_steps=updates, params=abstract_params)
-  return tx
 
 
 if __name__ == "__main__":

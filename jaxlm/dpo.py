@@ -30,8 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.experimental import multihost_utils
+
 from jaxlm import losses
 from jaxlm import model as model_lib
+from jaxlm import sharding as sharding_lib
 
 Array = jax.Array
 # name -> loss function of the four [B] log-prob vectors (and beta, label_smoothing).
@@ -101,10 +104,48 @@ def dpo_loss_fn(model: model_lib.Transformer, *, loss: str, beta: float, label_s
   return loss_fn
 
 
-def reference_fn(config: model_lib.ModelConfig) -> Callable[[Any, Mapping[str, Array]], tuple[Array, Array]]:
-  """A jitted `(reference_params, batch) -> (chosen_logps [B], rejected_logps [B])`."""
-  model = model_lib.Transformer(config)
-  return jax.jit(lambda params, batch: pair_log_probs(model, params, batch))
+class ReferenceLogps:
+  """The frozen reference's summed response log-probs of pair batches, on the device mesh.
+
+  `ref(params, host_batch) -> (chosen [B], rejected [B])`: dispatched asynchronously, global
+  arrays; `ref.to_host(out)` -> this process's rows as numpy. With a `mesh` the pass runs as
+  the training step does: each process's rows join one global batch split along B over the
+  mesh's batch axes (`data`, `fsdp`), the parameters keep the shardings they were placed with
+  (the policy's), and the model's activation constraints apply, so every device scores its
+  share of the pairs. Without a mesh: one device. The jitted program is `ref.jitted`.
+  """
+
+  def __init__(self, config: model_lib.ModelConfig, *, mesh: jax.sharding.Mesh | None = None,
+               rules=sharding_lib.DEFAULT_RULES):
+    model = model_lib.Transformer(config)
+    self._mesh, self._rules = mesh, rules
+    compute = lambda params, batch: pair_log_probs(model, params, batch)
+    if mesh is None:
+      self.jitted = jax.jit(compute)
+    else:
+      self._rows = sharding_lib.batch_sharding(mesh, rules)
+      self.jitted = jax.jit(compute, in_shardings=(None, self._rows), out_shardings=self._rows)
+
+  def __call__(self, params, host_batch: Mapping[str, np.ndarray]) -> tuple[Array, Array]:
+    batch = _model_inputs(host_batch)
+    if self._mesh is None:
+      return self.jitted(params, batch)
+    batch = sharding_lib.shard_host_batch(batch, self._mesh, self._rules)
+    with sharding_lib.use_mesh(self._mesh, self._rules):
+      return self.jitted(params, batch)
+
+  def to_host(self, out: tuple[Array, Array]) -> tuple[np.ndarray, np.ndarray]:
+    """This process's rows of a call's (chosen, rejected), in the order its host batch had."""
+    if self._mesh is None or jax.process_count() == 1:
+      return tuple(np.asarray(x) for x in jax.device_get(out))
+    local = multihost_utils.global_array_to_host_local_array(out, self._mesh, self._rows.spec)
+    return tuple(np.asarray(x) for x in local)
+
+
+def reference_fn(config: model_lib.ModelConfig, *, mesh: jax.sharding.Mesh | None = None,
+                 rules=sharding_lib.DEFAULT_RULES) -> ReferenceLogps:
+  """The reference pass of `config`'s model (see `ReferenceLogps`)."""
+  return ReferenceLogps(config, mesh=mesh, rules=rules)
 
 
 _MODEL_KEYS = ("tokens", "segment_ids", "positions", "branch_ids", "score_index", "score_targets", "score_side")
@@ -114,18 +155,20 @@ def _model_inputs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {key: batch[key] for key in _MODEL_KEYS}
 
 
-def precompute_reference(params, config: model_lib.ModelConfig, batches, num_records: int) -> np.ndarray:
+def precompute_reference(params, config: model_lib.ModelConfig, batches, num_records: int, *,
+                         mesh: jax.sharding.Mesh | None = None, rules=sharding_lib.DEFAULT_RULES) -> np.ndarray:
   """Reference log-probs of every pair of a finite pass: float32 [num_records, 2] (chosen,
   rejected) indexed by `record_index`; NaN for records the pass did not contain (dropped ones).
+  With a `mesh` (params placed on it), every device computes its share (`ReferenceLogps`).
   """
-  compute = reference_fn(config)
+  compute = reference_fn(config, mesh=mesh, rules=rules)
   table = np.full((num_records, 2), np.nan, np.float32)
   pending = []
-  for batch in batches:
+  for batch in batches:  # All dispatched before the first result is read: the device never waits.
     pending.append((np.asarray(batch["record_index"]), np.asarray(batch["valid"]).astype(bool),
-                    compute(params, _model_inputs(batch))))
-  for index, valid, (chosen, rejected) in pending:
-    chosen, rejected = np.asarray(chosen), np.asarray(rejected)
+                    compute(params, batch)))
+  for index, valid, out in pending:
+    chosen, rejected = compute.to_host(out)
     table[index[valid], 0] = chosen[valid]
     table[index[valid], 1] = rejected[valid]
   return table
@@ -135,12 +178,12 @@ class ReferenceAttacher:
   """Wraps a pairs iterator so every batch carries the reference log-probs.
 
   Exactly one of `table` (from `precompute_reference`, looked up by `record_index`) or
-  `params` + `compute` (an online forward of the frozen reference) is given. `get_state` and
+  `params` + `compute` (a `ReferenceLogps`: an online forward of the frozen reference) is given. `get_state` and
   `set_state` pass through, so checkpoints still record the data position.
   """
 
   def __init__(self, iterator: Iterator[dict], *, table: np.ndarray | None = None, params: Any = None,
-               compute: Callable | None = None):
+               compute: ReferenceLogps | None = None):
     if (table is None) == (compute is None):
       raise ValueError("give either a precomputed table or params and compute, not both")
     self._iterator, self._table, self._params, self._compute = iterator, table, params, compute
@@ -162,7 +205,7 @@ class ReferenceAttacher:
                          "computed on other data")
       chosen, rejected = np.nan_to_num(looked_up[:, 0]), np.nan_to_num(looked_up[:, 1])
     else:
-      chosen, rejected = jax.device_get(self._compute(self._params, _model_inputs(batch)))
+      chosen, rejected = self._compute.to_host(self._compute(self._params, batch))
     batch["reference_chosen_logps"] = np.asarray(chosen, np.float32)
     batch["reference_rejected_logps"] = np.asarray(rejected, np.float32)
     return batch

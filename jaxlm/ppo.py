@@ -28,6 +28,7 @@ run continues exactly. `PPOState.params` is the policy, so `checkpoint.load_pare
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -113,6 +114,38 @@ def combine_states(policy: training.TrainState, value: training.TrainState, kl_c
                   value=value, kl_coef=coef)
 
 
+@dataclasses.dataclass(frozen=True)
+class RoleSpec:
+  """The optimizers and the sharded abstract `PPOState` of a PPO config (nothing allocated)."""
+
+  policy_tx: optax.GradientTransformation
+  value_tx: optax.GradientTransformation
+  abstract_state: PPOState
+  shardings: PPOState
+
+
+def role_optimizer(section, config, init_fn) -> optax.GradientTransformation:
+  """AdamW of an optimizer section over `config.total_steps` PPO iterations' worth of updates."""
+  updates = config.total_steps * config.ppo.ppo_epochs * config.ppo.num_minibatches
+  abstract_params = jax.eval_shape(lambda: sharding_lib.unbox(init_fn(jax.random.key(0))))
+  tx, _ = training.make_optimizer(**section, total_steps=updates, params=abstract_params)
+  return tx
+
+
+def state_spec(config, model_config: model_lib.ModelConfig, mesh: jax.sharding.Mesh,
+               rules=sharding_lib.DEFAULT_RULES) -> RoleSpec:
+  """The policy (a language model) and the value model (with a scalar head), each with its own
+  AdamW (`config.policy_optimizer`, `config.value_optimizer`), as one abstract `PPOState`."""
+  policy_init = functools.partial(model_lib.init_params, model_config)
+  value_init = functools.partial(model_lib.init_params, model_config, scalar_head=True)
+  policy_tx = role_optimizer(config.policy_optimizer, config, policy_init)
+  value_tx = role_optimizer(config.value_optimizer, config, value_init)
+  policy = training.abstract_train_state(policy_init, policy_tx, mesh, rules)
+  abstract_state = combine_states(policy, training.abstract_train_state(value_init, value_tx, mesh, rules),
+                                  jax.ShapeDtypeStruct((), jnp.float32, sharding=policy.step.sharding))
+  return RoleSpec(policy_tx, value_tx, abstract_state, jax.tree.map(lambda x: x.sharding, abstract_state))
+
+
 # ------------------------------------------------------------------------------------------------
 # Sequences and scoring.
 # ------------------------------------------------------------------------------------------------
@@ -147,11 +180,15 @@ def pack_sequences(prompt_tokens: Array, prompt_lengths: Array, response_tokens:
 
 
 def _response_logits(model, params, seqs: dict[str, Array], temperature: float) -> Array:
-  """Logits predicting each response token: float32 [B, N, V], divided by the temperature."""
+  """Logits predicting each response token: float32 [B, N, V], divided by the temperature.
+
+  The LM head runs only at the N positions len_b + t - 1 that predict response token t
+  (`logits_at`), not at all P + N: the [B, P + N, V] float32 logits are never formed.
+  """
+  before = jnp.maximum(seqs["response_index"] - 1, 0)
   out = model.apply({"params": params}, seqs["tokens"], segment_ids=seqs["segment_ids"],
-                    positions=seqs["positions"])
-  before = jnp.maximum(seqs["response_index"] - 1, 0)[..., None]
-  return jnp.take_along_axis(out.logits, before, axis=1).astype(jnp.float32) / temperature
+                    positions=seqs["positions"], logits_at=before)
+  return out.logits.astype(jnp.float32) / temperature
 
 
 def policy_log_probs(model, params, seqs: dict[str, Array], response_tokens: Array, mask: Array,
@@ -180,18 +217,25 @@ def sequence_scores(model, params, seqs: dict[str, Array]) -> Array:
 
 
 def make_scorer(config: model_lib.ModelConfig, reward_config: model_lib.ModelConfig | None,
-                ppo: PPOConfig) -> Callable:
-  """A jitted `score(policy, reference, value, reward, rollout) -> dict` of [B, N] / [B] arrays.
+                ppo: PPOConfig, *, mesh: jax.sharding.Mesh | None = None,
+                rules=sharding_lib.DEFAULT_RULES) -> Callable:
+  """`score(policy, reference, value, reward, rollout) -> dict` of [B, N] / [B] arrays.
 
   `rollout` holds prompt_tokens, prompt_lengths, response_tokens, response_lengths, mask. The
   result: `log_probs`, `entropy` (policy), `ref_log_probs`, `values`, and `score` (the reward
   model's, when `reward_config` is given; pass `reward=None` otherwise), all teacher-forced.
+
+  With a `mesh`, the call runs as training does: the rollout is split along B over the mesh's
+  batch axes (`data`, `fsdp`), every model's parameters keep the shardings they were placed
+  with (the policy's, for all four), and the model's activation constraints apply, so each
+  device scores its own rows and only weights are gathered. Without a mesh XLA is free to
+  split the work along the embedding instead, replicating the batch on every device and
+  all-reducing activations and logits. The jitted program is `score.jitted` (for the planner).
   """
   model = model_lib.Transformer(config)
   reward_model = model_lib.Transformer(reward_config) if reward_config is not None else None
 
-  @jax.jit
-  def score(policy_params, reference_params, value_params, reward_params, rollout):
+  def score_rollout(policy_params, reference_params, value_params, reward_params, rollout):
     seqs = pack_sequences(rollout["prompt_tokens"], rollout["prompt_lengths"], rollout["response_tokens"],
                           rollout["response_lengths"])
     mask = rollout["mask"]
@@ -205,6 +249,18 @@ def make_scorer(config: model_lib.ModelConfig, reward_config: model_lib.ModelCon
       out["score"] = sequence_scores(reward_model, reward_params, seqs)
     return out
 
+  if mesh is None:
+    return jax.jit(score_rollout)
+  rows = sharding_lib.batch_sharding(mesh, rules)
+  # Parameters: None = as placed (the caller puts every role on the policy's shardings).
+  jitted = jax.jit(score_rollout, in_shardings=(None, None, None, None, rows), out_shardings=rows)
+
+  def score(policy_params, reference_params, value_params, reward_params, rollout):
+    rollout = jax.device_put(dict(rollout), rows)  # Row-split (a no-op for the sampler's output).
+    with sharding_lib.use_mesh(mesh, rules):
+      return jitted(policy_params, reference_params, value_params, reward_params, rollout)
+
+  score.jitted = jitted
   return score
 
 
@@ -334,6 +390,7 @@ def make_update(config: model_lib.ModelConfig, ppo: PPOConfig, policy_tx: optax.
     with sharding_lib.use_mesh(mesh, rules):
       return jitted(state, batch)
 
+  step.jitted = jitted  # For the planner.
   return step
 
 

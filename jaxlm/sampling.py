@@ -458,6 +458,21 @@ def generate(params, prompt_tokens: Array, prompt_lengths: Array, rng: Array, *,
   Returns:
     A `Generation` with [B, N] tokens, log_probs, mask and [B] lengths.
   """
+  return _run_generate(_generate, params, prompt_tokens, prompt_lengths, rng, config=config, sampling=sampling,
+                       max_new_tokens=max_new_tokens, stop_ids=stop_ids, mesh=mesh, rules=rules,
+                       decode_chunk=decode_chunk)
+
+
+def lower_generate(params, prompt_tokens, prompt_lengths, rng, **kwargs):
+  """`generate`'s program lowered, not run: the same arguments, abstract arrays allowed
+  (`jax.ShapeDtypeStruct`s carrying their shardings). For the fit planner."""
+  return _run_generate(_generate.lower, params, prompt_tokens, prompt_lengths, rng, **kwargs)
+
+
+def _run_generate(call, params, prompt_tokens, prompt_lengths, rng, *, config, sampling, max_new_tokens,
+                  stop_ids=(), mesh=None, rules=sharding.DEFAULT_RULES, decode_chunk=None):
+  """`call(...)` (`_generate` or its `.lower`) with `generate`'s checks, static arguments and
+  placement."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   kwargs = dict(config=config, sampling=sampling, max_new_tokens=int(max_new_tokens),
@@ -465,15 +480,19 @@ def generate(params, prompt_tokens: Array, prompt_lengths: Array, rng: Array, *,
                 rules=_hashable_rules(rules) if mesh is not None else (),
                 decode_chunk=int(decode_chunk or _auto_chunk(max_new_tokens)))
   if mesh is None:
-    return _generate(params, prompt_tokens, prompt_lengths, rng, **kwargs)
+    return call(params, prompt_tokens, prompt_lengths, rng, **kwargs)
   batch = prompt_tokens.shape[0]
   if batch % _batch_shards(mesh, rules):
     raise ValueError(f"batch {batch} does not split over the mesh's {_batch_shards(mesh, rules)}"
                      " batch shards; pad it (generate_padded does)")
   with sharding.use_mesh(mesh, rules):
-    put = lambda x: x if isinstance(x, jax.Array) and len(x.devices()) > 1 else jax.device_put(
-        x, sharding.batch_sharding(mesh, rules))
-    return _generate(params, put(prompt_tokens), put(prompt_lengths), rng, **kwargs)
+    rows = sharding.batch_sharding(mesh, rules)
+
+    def put(x):  # Host or one-device arrays onto the batch sharding; global arrays as they are.
+      if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows)
+      return x if isinstance(x, jax.Array) and len(x.devices()) > 1 else jax.device_put(x, rows)
+    return call(params, put(prompt_tokens), put(prompt_lengths), rng, **kwargs)
 
 
 def greedy_generate(params, prompt_tokens: Array, prompt_lengths: Array, *,

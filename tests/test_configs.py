@@ -52,4 +52,4 @@ def test_model_preset_sizes_match_the_documented_counts():
     count = model_lib.num_params(model_config(preset))
     assert re.search(rf"#\s+{preset}\s+{count:,} ", source), f"update the count of {preset} in configs/common.py"
   assert 0.5e6 < model_lib.num_params(model_config("tiny")) < 1.5e6
-  assert 120e6 < model_lib.num_params(model_config("gpt2_124m")) < 128e6
+  assert 105e6 < model_lib.num_params(model_config("gpt2_124m")) < 115e6  # at vocab 32000
