@@ -15,6 +15,8 @@ from ml_collections import config_dict
 #   gpt2_124m 109,529,856 (vocab 32000)   GPT-2 small's shape (SwiGLU, M = 2048 keeps 4E GELU's size);
 #                                         124M is GPT-2's count at its own vocabulary (50257)
 #   1b      1,009,338,368 (vocab 32000)   GQA, bf16 compute, remat: a GPU host or a TPU slice
+# The accelerator presets take the fused attention of the devices they run on ("auto": cuDNN
+# flash attention on NVIDIA GPUs, Pallas splash attention on TPUs, XLA's elsewhere).
 # How the `cpu` preset runs (not what it computes; a later stage may change these): the layer
 # loop unrolled and causal attention in query blocks. Together 1.3-1.6x faster than the defaults
 # on XLA:CPU for a DPO step, blocked attention the larger part (README, DPO section).
@@ -25,9 +27,10 @@ MODEL_PRESETS = {
     "cpu": dict(vocab_size=2048, embed_dim=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32,
                 mlp_dim=384, max_len=512, **CPU_EXECUTION),
     "gpt2_124m": dict(vocab_size=32000, embed_dim=768, num_layers=12, num_heads=12, num_kv_heads=12,
-                      head_dim=64, mlp_dim=2048, max_len=1024, dtype="bfloat16"),
+                      head_dim=64, mlp_dim=2048, max_len=1024, dtype="bfloat16", attention_impl="auto"),
     "1b": dict(vocab_size=32000, embed_dim=2048, num_layers=20, num_heads=16, num_kv_heads=8, head_dim=128,
-               mlp_dim=5632, max_len=2048, dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable"),
+               mlp_dim=5632, max_len=2048, dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable",
+               attention_impl="auto"),
 }
 
 

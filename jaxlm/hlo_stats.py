@@ -156,9 +156,8 @@ class _Instruction:
 
 
 def _balanced(text: str, start: int) -> int:
-  """The index just past the bracket group opening at text[start] ('(' or '{')."""
-  opening = text[start]
-  closing = {"(": ")", "{": "}", "[": "]"}[opening]
+  """The index just past the bracket group opening at text[start] ('(', '{' or '['), skipping
+  quoted strings."""
   depth = 0
   i = start
   while i < len(text):

@@ -14,31 +14,13 @@ Architecture (pre-norm, Llama-style)::
   logits = h @ embed^T  (tied, default) or h @ lm_head   [B, T, V] float32
   scalar = h[b, scalar_index[b]] . w + b0                [B] float32 (reward model, PPO value)
 
-Masking. Without a cache (training), a token attends to earlier-or-equal *indices* of its row
-that carry the same segment id (`is_causal` plus a segment mask, which the cuDNN flash path
-supports); packed documents never see each other. Padding (segment 0) attends only to padding,
-so no query row is ever fully masked and nothing turns into NaN. `positions` (RoPE) restart at
-0 per document; when omitted they are derived from `segment_ids`.
-`branch_ids` narrow this further for rows that hold one prefix and several continuations of it
-(DPO's prompt-shared pairs): a continuation sees the prefix and itself, never a sibling.
-
-KV cache (sampling). A plain pytree of arrays, passed in and returned::
-
-  k, v    [layers, B, num_kv_heads, S, head_dim]  (cache dtype, default: compute dtype)
-  valid   [B, S] bool: slot s holds a real token
-
-A token at absolute position p is written to slot p of its row, so slot index == position,
-rows may sit at different positions, and left- or right-padded prompts both work. Tokens with
-segment id 0 are not written. A query at position p attends to valid slots s <= p (its own
-slot included: the writes happen before attention). T > 1 is a prefill, T == 1 a decode step.
-One sequence per row: positions must not repeat within a row, and positions >= S are dropped.
-
-The whole cache is carried through the layers (not scanned over) and each layer scatters its
-keys/values into it, so a loop that carries it is updated in place. A kv head's slots are
-contiguous: a decode step's attention is one matrix-vector product per (row, kv head) over the
-cache as it lies. With `scan_layers=False`, k and v may be tuples of L buffers [B, Hkv, S, Dh]
-(`init_cache(..., per_layer=True)`, what the sampler uses: slicing a layer out of a stacked
-buffer is a copy on XLA:CPU).
+Attention (`jaxlm/attention.py`). Causal within segments: packed documents never see each
+other, and padding (segment id 0) sees only padding. `positions` (RoPE) restart at 0 per
+document; when omitted they are derived from `segment_ids`. `branch_ids` hold several
+continuations of one prefix in a row (DPO). The kernel is `ModelConfig.attention_impl`: XLA,
+blocked (CPU), cuDNN flash (GPU) or Pallas splash (TPU), or "auto" to pick per backend. The
+sampler passes a KV cache (`init_cache`; layout in `jaxlm/attention.py`): k, v
+[layers, B, Hkv, S, Dh] and valid [B, S], slot index == position.
 
 Parameters are float32 and carry logical axis names (`nn.with_logical_partitioning`, see
 `jaxlm/sharding.py` for the vocabulary and the rules). With `scan_layers=True` (the default)
@@ -74,7 +56,6 @@ the tree unused; `apply(..., lm_head=False)` skips the logits.
 Size presets live in `configs/common.py` (`MODEL_PRESETS`), with their parameter counts.
 """
 
-import dataclasses
 import functools
 import math
 from typing import Any
@@ -84,156 +65,16 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxlm import attention
 from jaxlm import param_tree
+from jaxlm.model_config import DTYPES, REMAT_POLICIES, ModelConfig, flops_per_token, num_params  # re-exported
 
 Array = jax.Array
 
-# Rematerialisation policies by name (`ModelConfig.remat_policy`), applied per block:
-#   none                              keep every activation (fastest, most memory)
-#   full                              keep only the block inputs; recompute the rest
-#   dots_saveable                     keep matmul outputs, recompute elementwise ops
-#   dots_with_no_batch_dims_saveable  keep projections' outputs, recompute attention scores too
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTENTION_IMPLS = (None, "xla", "cudnn", "blocked")
-# Queries per block of the "blocked" attention; 64 was fastest on XLA:CPU at T = 128..192
-# (32: within 5%; 96: 10% slower; one block of 192: 1.6x slower).
-ATTENTION_BLOCK = 64
-
-# Logical axis names of the cache arrays, for `jaxlm.sharding.logical_shardings`-style rules.
-CACHE_AXES = {
-    "k": ("layers", "batch", "heads", "length", "kv"),
-    "v": ("layers", "batch", "heads", "length", "kv"),
-    "valid": ("batch", "length"),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Shape and numerics of the transformer; frozen (hashable) so jitted code can close over it.
-
-  Attributes:
-    vocab_size: V, set from the tokenizer.
-    embed_dim: E, the residual stream width.
-    num_layers: L.
-    num_heads: H, query heads.
-    num_kv_heads: Hkv, key/value heads; divides H (H == Hkv is plain multi-head attention).
-    head_dim: Dh, even (RoPE rotates pairs).
-    mlp_dim: M, the SwiGLU hidden width (~8/3 E keeps the parameter count of a 4E GELU MLP).
-    max_len: the longest sequence trained or sampled; the default cache length. RoPE has no
-      table, so this is a contract, not a buffer.
-    tie_embeddings: the LM head reuses the token embedding (transposed).
-    rope_theta: RoPE base; wavelengths span 2 pi .. 2 pi theta.
-    norm_eps: RMSNorm epsilon.
-    dtype: compute dtype, "float32" or "bfloat16". Parameters are always float32 and are cast
-      at use; norms, RoPE, softmax, logits and the scalar head are computed in float32.
-    remat_policy: one of `REMAT_POLICIES`.
-    scan_layers: `nn.scan` over layers: compile time stays flat in depth; params get a leading
-      `layers` axis.
-    scan_unroll: layers per iteration of that scan (its `unroll`); it changes how the model
-      runs, not its parameters. 1 keeps compile time flat in depth; `num_layers` unrolls the
-      loop, which ran a 4-layer DPO step on XLA:CPU 1.0-1.3x faster (no slicing of stacked
-      weights and activations per iteration) for a compile time that grows with depth.
-    attention_impl: `jax.nn.dot_product_attention(implementation=...)`: None (XLA today), "xla",
-      or "cudnn" (flash attention on NVIDIA GPUs; fp16/bf16 only, raises where unsupported);
-      or "blocked": this module's causal attention in blocks of `ATTENTION_BLOCK` queries,
-      which skips the blocks above the diagonal (exact; attention forward and backward 1.9x
-      faster than "xla" on XLA:CPU at T = 192, a DPO step 1.2-1.4x), the choice of the `cpu`
-      preset.
-  """
-
-  vocab_size: int
-  embed_dim: int
-  num_layers: int
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
-  mlp_dim: int
-  max_len: int
-  tie_embeddings: bool = True
-  rope_theta: float = 10_000.0
-  norm_eps: float = 1e-6
-  dtype: str = "float32"
-  remat_policy: str = "none"
-  scan_layers: bool = True
-  scan_unroll: int = 1
-  attention_impl: str | None = None
-
-  def __post_init__(self):
-    for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
-                 "head_dim", "mlp_dim", "max_len", "scan_unroll"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-        raise ValueError(f"ModelConfig.{name} must be a positive int, got {getattr(self, name)!r}")
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}")
-    if self.head_dim % 2:
-      raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-    if self.dtype not in DTYPES:
-      raise ValueError(f"dtype={self.dtype!r} not in {sorted(DTYPES)}")
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"remat_policy={self.remat_policy!r} not in {sorted(REMAT_POLICIES)}")
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"attention_impl={self.attention_impl!r} not in {ATTENTION_IMPLS}")
-
-  @property
-  def compute_dtype(self) -> Any:
-    return DTYPES[self.dtype]
-
-  def replace(self, **changes) -> "ModelConfig":
-    return dataclasses.replace(self, **changes)
-
-  def to_dict(self) -> dict[str, Any]:
-    """JSON-ready dict (for config.json and the checkpoint's model description)."""
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-    """Inverse of `to_dict`. Unknown keys are an error: a model must never load half-read."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ValueError(f"unknown ModelConfig keys {unknown}; known: {sorted(known)}")
-    return cls(**d)
-
-
-def num_params(config: ModelConfig, *, include_embedding: bool = True,
-               scalar_head: bool = False) -> int:
-  """Exact parameter count of the tree that `init_params` creates.
-
-  With `include_embedding=False` every [V, E] matrix (the token embedding, and the LM head when
-  untied) is left out: the "non-embedding" count of Kaplan et al. (2020).
-  """
-  c = config
-  attn = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)  # q, o, k, v
-  mlp = 3 * c.embed_dim * c.mlp_dim
-  per_layer = attn + mlp + 2 * c.embed_dim  # + two RMSNorm scales
-  total = c.num_layers * per_layer + c.embed_dim  # + final norm
-  if include_embedding:
-    total += c.vocab_size * c.embed_dim * (1 if c.tie_embeddings else 2)
-  if scalar_head:
-    total += c.embed_dim + 1
-  return total
-
-
-def flops_per_token(config: ModelConfig, seq_len: int, *, causal: bool = False) -> float:
-  """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N + 12 L H Dh T.
-
-  N counts every parameter that takes part in a matmul per token: the non-embedding parameters
-  plus one V x E matrix for the LM head (tied or not; the input embedding is a gather and costs
-  nothing). 12 L H Dh T is the attention score and value matmuls over a full T x T matrix, as
-  PaLM counts it; `causal=True` halves it (a causal kernel skips the upper triangle), which is
-  the honest number for flash attention. Norms and softmax are ignored. MFU = tokens/s *
-  flops_per_token / peak FLOP/s.
-  """
-  c = config
-  n = num_params(c, include_embedding=False) + c.vocab_size * c.embed_dim
-  attention = 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
-  return 6.0 * n + (attention / 2 if causal else attention)
+# The configuration and its counts live in `jaxlm/model_config.py`, the KV cache with the
+# attention kernels (`jaxlm/attention.py`); callers know them all as `model.<name>`.
+CACHE_AXES = attention.CACHE_AXES
+init_cache = attention.init_cache
 
 
 def _param(module: nn.Module, name: str, init, names: tuple[str | None, ...],
@@ -286,31 +127,6 @@ class RMSNorm(nn.Module):
     return (x * scale).astype(self.dtype)
 
 
-def rope_tables(positions: Array, head_dim: int, theta: float, table_len: int) -> tuple[Array, Array]:
-  """sin, cos [B, T, Dh/2] float32 of angle p * theta^(-2i/Dh) for i < Dh/2.
-
-  Looked up in a [table_len, Dh/2] table of every position rather than computed per token:
-  XLA fuses an elementwise sin/cos into each of its consumers and recomputes it there, per
-  head, in every layer, forward and backward (a tenth of a DPO step on XLA:CPU); a lookup is
-  a load of the same angles. Positions outside [0, table_len) are clamped, so callers size the
-  table to cover every real position (`Transformer` uses max(max_len, T, cache slots)).
-  """
-  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angles = jnp.arange(table_len, dtype=jnp.float32)[:, None] * inv_freq
-  return (jnp.take(jnp.sin(angles), positions, axis=0, mode="clip"),
-          jnp.take(jnp.cos(angles), positions, axis=0, mode="clip"))
-
-
-def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
-  """Rotates the pairs (x[i], x[i + Dh/2]) of x [B, T, N, Dh] by the angles of `rope_tables`.
-
-  Rotating q and k by their own positions makes q.k depend on the offset only.
-  """
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  sin, cos = sin[:, :, None, :], cos[:, :, None, :]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
 class Attention(nn.Module):
   """Grouped-query self-attention with RoPE, optionally reading and writing a KV cache."""
 
@@ -318,110 +134,31 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, rope, mask, cache, layer, write_slots):
-    """x [B, T, E] -> ([B, T, E], the whole cache with layer `layer`'s keys/values written)."""
+    """x [B, T, E] -> ([B, T, E], the whole cache with layer `layer`'s keys/values written).
+
+    `mask` is `attention.training_mask(...)` without a cache, the cache's [B, 1, T, S] with one.
+    """
     c, dtype = self.config, self.config.compute_dtype
     qkv_names = ("embed", "heads", "kv")
     q = Dense((c.embed_dim, c.num_heads, c.head_dim), qkv_names, 1, 0.02, dtype, name="q")(x)
     k = Dense((c.embed_dim, c.num_kv_heads, c.head_dim), qkv_names, 1, 0.02, dtype, name="k")(x)
     v = Dense((c.embed_dim, c.num_kv_heads, c.head_dim), qkv_names, 1, 0.02, dtype, name="v")(x)
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    q, k = attention.apply_rope(q, *rope), attention.apply_rope(k, *rope)
     activation_names = ("batch", "length", "heads", "kv")
     q = nn.with_logical_constraint(q, activation_names)
     k = nn.with_logical_constraint(k, activation_names)
     v = nn.with_logical_constraint(v, activation_names)
 
-    if cache is None and c.attention_impl == "blocked":
-      out = _blocked_causal_attention(q, k, v, mask)
-    elif cache is None:
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                         implementation=c.attention_impl)
+    if cache is None:  # `Transformer` has made attention_impl concrete (`attention.kernel_for`).
+      out = attention.attend(q, k, v, mask, impl=c.attention_impl)
     else:
-      cache = _write_cache(cache, layer, write_slots, k, v)
-      out = _cached_attention(q, cache, layer, mask)
+      cache = attention.write_cache(cache, layer, write_slots, k, v)
+      out = attention.cached_attention(q, cache, layer, mask)
     out = nn.with_logical_constraint(out, activation_names)
     out_std = 0.02 / math.sqrt(2 * c.num_layers)
     y = Dense((c.num_heads, c.head_dim, c.embed_dim), ("heads", "kv", "embed"), 2, out_std, dtype,
               name="o")(out)
     return y, cache
-
-
-def _write_cache(cache, layer, write_slots, k, v):
-  """Scatters k, v [B, T, Hkv, Dh] into slots `write_slots` [B, T] of layer `layer`.
-
-  A padding token's slot is S (out of bounds): dropped. Vmapped over rows, so the batch is a
-  batching dimension of the scatter and a batch-split cache is written shard-locally.
-  """
-  def write_row(buf, new, slots):  # new [T, Hkv, Dh], slots [T]
-    new = new.astype(buf.dtype)
-    if buf.ndim == 3:  # one layer: [Hkv, S, Dh]
-      return buf.at[:, slots].set(jnp.swapaxes(new, 0, 1), mode="drop")
-    # [L, Hkv, S, Dh]: the view buf[layer, :, slots] is [T, Hkv, Dh] (numpy puts advanced
-    # indices separated by a slice first).
-    return buf.at[layer, :, slots].set(new, mode="drop")
-
-  def write(buf, new):
-    if isinstance(buf, tuple):  # per-layer buffers; `layer` is a python int
-      one = jax.vmap(write_row)(buf[layer], new, write_slots)
-      return buf[:layer] + (one,) + buf[layer + 1:]
-    return jax.vmap(write_row, in_axes=(1, 0, 0), out_axes=1)(buf, new, write_slots)
-  return {"k": write(cache["k"], k), "v": write(cache["v"], v)}
-
-
-def _softmax_attention(q: Array, k: Array, v: Array, mask: Array, *, kv_layout: str) -> Array:
-  """softmax(q k^T / sqrt(Dh) where mask, else -big) v, grouped-query: [B, T, H, Dh].
-
-  The arithmetic of `jax.nn.dot_product_attention`'s XLA path: float32 scores and softmax,
-  probabilities cast to the value dtype. q [B, T, H, Dh]; k, v [B, S, Hkv, Dh]
-  (`kv_layout="bskd"`, as projected) or [B, Hkv, S, Dh] ("bksd", as the cache lies); mask bool
-  [B or 1, 1, T, S]. Without grouping (H == Hkv) the head axis is not split: on XLA:CPU the
-  extra size-1 axis cost 20% of the attention's time.
-  """
-  batch, length, num_heads, head_dim = q.shape
-  num_kv = k.shape[kv_layout.index("k")]
-  if num_heads == num_kv:
-    q_spec, score_spec, score_mask = "btkd", "bkts", mask
-  else:
-    q = q.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
-    q_spec, score_spec, score_mask = "btkgd", "bkgts", mask[:, :, None]
-  scores = jnp.einsum(f"{q_spec},{kv_layout}->{score_spec}", q, k, preferred_element_type=jnp.float32)
-  scores = scores * jnp.float32(1 / math.sqrt(head_dim))
-  # A large negative (not -inf) as jax does: never NaN.
-  scores = jnp.where(score_mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum(f"{score_spec},{kv_layout}->{q_spec}", probs, v)
-  return out.reshape(batch, length, num_heads, head_dim)
-
-
-def _blocked_causal_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
-  """Causal attention computed per block of `ATTENTION_BLOCK` queries: [B, T, H, Dh].
-
-  Query block [lo, hi) needs the keys [0, hi) only, so the blocks above the diagonal are never
-  computed: with n blocks, (n + 1) / 2n of the full T x T scores (2/3 at n = 3). Exact: each
-  block's softmax runs over all the keys its queries may see. q [B, T, H, Dh]; k, v
-  [B, T, Hkv, Dh]; mask bool [B, 1, T, T] (segments, branches) or None, combined with
-  causality.
-  """
-  length = q.shape[1]
-  outputs = []
-  for lo in range(0, length, ATTENTION_BLOCK):
-    hi = min(lo + ATTENTION_BLOCK, length)
-    block_mask = (jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :])[None, None]
-    if mask is not None:
-      block_mask = block_mask & mask[:, :, lo:hi, :hi]
-    outputs.append(_softmax_attention(q[:, lo:hi], k[:, :hi], v[:, :hi], block_mask, kv_layout="bskd"))
-  return jnp.concatenate(outputs, axis=1)
-
-
-def _cached_attention(q, cache, layer, mask):
-  """softmax(q k^T / sqrt(Dh) + mask) v over the cache of layer `layer`: [B, T, H, Dh].
-
-  `_softmax_attention` over the cache layout [B, Hkv, S, Dh] as it lies (mask [B, 1, T, S]),
-  for any `attention_impl` (a flash kernel gains nothing at T = 1).
-  """
-  k, v = cache["k"][layer].astype(q.dtype), cache["v"][layer].astype(q.dtype)
-  k = nn.with_logical_constraint(k, ("batch", "heads", "length", "kv"))
-  v = nn.with_logical_constraint(v, ("batch", "heads", "length", "kv"))
-  return _softmax_attention(q, k, v, mask, kv_layout="bksd")
 
 
 class Mlp(nn.Module):
@@ -473,7 +210,7 @@ def _block_class(config: ModelConfig) -> type[nn.Module]:
 
 
 class Embed(nn.Module):
-  """Token embedding [V, E]; `attend` is the tied LM head."""
+  """Token embedding [V, E], float32; `copies` is what the lookup and the tied LM head read."""
 
   config: ModelConfig
 
@@ -482,17 +219,75 @@ class Embed(nn.Module):
     self.embedding = _param(self, "embedding", nn.initializers.normal(0.02), ("vocab", "embed"),
                             shape)
 
-  def __call__(self, tokens: Array) -> Array:
-    # Gather the FSDP shards of the table first (as for any weight before use): a lookup from a
-    # table split along `embed` into activations split along `batch` has no efficient
-    # partitioning, and XLA would replicate everything.
-    table = nn.with_logical_constraint(self.embedding, ("vocab", None))
-    # Ids must lie in [0, V): out-of-range ids gather NaN, which surfaces the bug in the loss.
-    return jnp.take(table, tokens, axis=0).astype(self.config.compute_dtype)
+  def copies(self, batch: int) -> Array:
+    """The table in the compute dtype, one whole copy per batch shard: [D, V, E].
+
+    D is how many ways the mesh in context splits a batch of `batch` rows (1 without a mesh).
+    Cast, then gather the FSDP shards (as any weight before use; a lookup from a table split
+    along `embed` into activations split along `batch` has no efficient partitioning): in bf16
+    the all-gather moves half the bytes of float32. Each batch shard then reads its own copy
+    (`_per_copy`) for both uses, the lookup and the tied head, so under AD their gradients add
+    up in that copy and reach the float32 shards through one reduction over the D copies, in
+    the compute dtype as every other weight's. One replicated [V, E] read by both uses left
+    the partitioner two partial gradients to reduce (XLA:CPU: two float32 all-reduces; XLA:TPU
+    reassociated them into one, in float32).
+    """
+    shards = _batch_shards()
+    shards = shards if batch % shards == 0 else 1
+    # Cast where the shards lie (else XLA may gather float32 and cast after); the copies'
+    # sharding then gathers the cast table.
+    table = nn.with_logical_constraint(self.embedding.astype(self.config.compute_dtype),
+                                       ("vocab", "embed"))
+    copies = jnp.broadcast_to(table, (shards, *table.shape))
+    return nn.with_logical_constraint(copies, ("batch" if shards > 1 else None, "vocab", None))
 
   def attend(self, h: Array) -> Array:
-    table = nn.with_logical_constraint(self.embedding, ("vocab", None)).astype(h.dtype)
-    return _flat_matmul(h, table.T, 1, preferred_element_type=jnp.float32)
+    """The tied LM head alone (the sampler's prefill): h [B, T, E] -> logits [B, T, V] float32."""
+    return _per_copy(_tied_logits, self.copies(h.shape[0]), h.astype(self.config.compute_dtype))
+
+
+def _batch_shards() -> int:
+  """How many ways the mesh and logical rules in context split `batch` (1 without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  axes = nn.logical_to_mesh_axes(("batch",))[0] or ()
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def _per_copy(fn, copies: Array, x: Array) -> Array:
+  """fn(copy [V, E], rows [B / D, ...]) for each batch shard's rows of x [B, ...] and its own
+  copy of the table (`Embed.copies` [D, V, E]): a batched op the partitioner keeps local."""
+  shards, batch = copies.shape[0], x.shape[0]
+  out = jax.vmap(fn)(copies, x.reshape(shards, batch // shards, *x.shape[1:]))
+  return out.reshape(batch, *out.shape[2:])
+
+
+@jax.custom_vjp
+def _lookup(table: Array, tokens: Array) -> Array:
+  """table[tokens]: [..., E]. Ids must lie in [0, V): out-of-range ids gather NaN, which
+  surfaces the bug in the loss."""
+  return jnp.take(table, tokens, axis=0)
+
+
+def _lookup_fwd(table, tokens):
+  return _lookup(table, tokens), (table, tokens)
+
+
+def _lookup_bwd(residuals, grad):
+  # Summed in float32: a frequent token's row adds up thousands of gradients, which a bf16
+  # scatter-add would round at every step. One rounding to the table's dtype at the end.
+  table, tokens = residuals
+  rows = jnp.zeros(table.shape, jnp.float32).at[tokens].add(grad.astype(jnp.float32))
+  return rows.astype(table.dtype), None
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)
+
+
+def _tied_logits(table: Array, h: Array) -> Array:
+  """h [..., E] @ table^T in h's dtype, float32 accumulation and output: [..., V]."""
+  return _flat_matmul(h, table.T, 1, preferred_element_type=jnp.float32)
 
 
 class LMHead(nn.Module):
@@ -545,23 +340,6 @@ def positions_from_segments(segment_ids: Array) -> Array:
   return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int | None = None,
-               dtype: Any = None, per_layer: bool = False) -> dict[str, Any]:
-  """An empty cache: k, v [L, B, Hkv, S, Dh] zeros and valid [B, S] False (S = max_len).
-
-  `per_layer=True` makes k and v tuples of L [B, Hkv, S, Dh] buffers (for
-  `scan_layers=False` only; see the module docstring).
-  """
-  c = config
-  shape = (c.num_layers, batch, c.num_kv_heads, max_len or c.max_len, c.head_dim)
-  dtype = dtype or c.compute_dtype
-  def zeros():
-    if per_layer:
-      return tuple(jnp.zeros(shape[1:], dtype) for _ in range(c.num_layers))
-    return jnp.zeros(shape, dtype)
-  return {"k": zeros(), "v": zeros(), "valid": jnp.zeros((batch, shape[3]), bool)}
-
-
 class Transformer(nn.Module):
   """The model of every stage. Use through `init`/`apply` (or `init_params`)."""
 
@@ -608,24 +386,23 @@ class Transformer(nn.Module):
       positions = positions_from_segments(segment_ids)
     positions = positions.astype(jnp.int32)
 
-    embed = Embed(c, name="embed")
-    x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
+    tables = Embed(c, name="embed").copies(batch)
+    x = nn.with_logical_constraint(_per_copy(_lookup, tables, tokens), ("batch", "length", "embed"))
     num_slots = 0 if cache is None else cache["valid"].shape[1]
-    rope = rope_tables(positions, c.head_dim, c.rope_theta, max(c.max_len, length, num_slots))
+    rope = attention.rope_tables(positions, c.head_dim, c.rope_theta,
+                                 max(c.max_len, length, num_slots))
     if cache is None:
       layer_caches, write_slots = None, None
-      mask = None
-      if segment_ids is not None:
-        mask = (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-      if branch_ids is not None:
-        key_branch, query_branch = branch_ids[:, None, None, :], branch_ids[:, None, :, None]
-        same_branch = (key_branch == 0) | (key_branch == query_branch)
-        mask = same_branch if mask is None else mask & same_branch
+      # The kernel for this call ("auto" resolved, fallbacks applied), seen by every layer.
+      c = c.replace(attention_impl=attention.kernel_for(
+          c.attention_impl, dtype=c.compute_dtype, segments=segment_ids is not None,
+          branches=branch_ids is not None))
+      mask = attention.training_mask(c.attention_impl, segment_ids, branch_ids)
     else:
       layer_caches = {"k": cache["k"], "v": cache["v"]}
       if c.scan_layers and isinstance(cache["k"], tuple):
         raise ValueError("a per-layer cache (tuples of buffers) needs scan_layers=False")
-      write_slots, valid, mask = _cache_mask(cache["valid"], positions, segment_ids)
+      write_slots, valid, mask = attention.cache_mask(cache["valid"], positions, segment_ids)
 
     block = _block_class(c)
     if c.scan_layers:
@@ -643,7 +420,10 @@ class Transformer(nn.Module):
       scored = hidden
       if logits_at is not None:
         scored = jnp.take_along_axis(hidden, logits_at[:, :, None].astype(jnp.int32), axis=1)
-      logits = embed.attend(scored) if c.tie_embeddings else LMHead(c, name="lm_head")(scored)
+      if c.tie_embeddings:
+        logits = _per_copy(_tied_logits, tables, scored)
+      else:
+        logits = LMHead(c, name="lm_head")(scored)
       out = out.replace(logits=nn.with_logical_constraint(logits, ("batch", "length", "vocab")))
     if scalar_index is not None:
       index = scalar_index if scalar_index.ndim == 2 else scalar_index[:, None]
@@ -653,24 +433,6 @@ class Transformer(nn.Module):
     if cache is not None:
       out = out.replace(cache={**new_caches, "valid": valid})
     return out
-
-
-def _cache_mask(valid: Array, positions: Array, segment_ids: Array | None):
-  """Cache slots to write [B, T], updated validity [B, S] and attention mask [B, 1, T, S]."""
-  num_slots = valid.shape[1]
-  real = jnp.ones(positions.shape, bool) if segment_ids is None else segment_ids != 0
-  real = real & (positions >= 0) & (positions < num_slots)
-  # Out-of-bounds slots are dropped by the scatter: padding never overwrites a real entry.
-  write_slots = jnp.where(real, positions, num_slots)
-  # Vmapped over rows (a batching dimension of the scatter: shard-local on a batch-split mesh).
-  valid = jax.vmap(lambda row, slots: row.at[slots].set(True, mode="drop"))(valid, write_slots)
-  slots = jnp.arange(num_slots)
-  mask = valid[:, None, None, :] & (slots <= positions[:, None, :, None])
-  mask &= real[:, None, :, None]
-  # A padding query would see nothing; let it see everything so its (ignored) output stays
-  # finite on every attention backend.
-  mask |= ~jnp.any(mask, axis=-1, keepdims=True)
-  return write_slots, valid, mask
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="scalar_head")
@@ -683,7 +445,9 @@ def init_params(config: ModelConfig, rng: Array, *, scalar_head: bool = False) -
   """
   tokens = jnp.zeros((1, 1), jnp.int32)
   index = jnp.zeros((1,), jnp.int32) if scalar_head else None
-  return Transformer(config).init(rng, tokens, scalar_index=index)["params"]
+  # The attention kernel has no parameters; XLA's traces a one-token row anywhere (a fused
+  # kernel under a mesh in context would want the row split over the devices).
+  return Transformer(config.replace(attention_impl="xla")).init(rng, tokens, scalar_index=index)["params"]
 
 
 def add_scalar_head(params: dict, config: ModelConfig, rng: Array) -> dict:

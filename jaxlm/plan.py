@@ -39,8 +39,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxlm import attention
 from jaxlm import errors
 from jaxlm import gpu_target
 from jaxlm import hlo_stats
@@ -295,8 +295,9 @@ def _ppo_programs(config, model_config, mesh, rules) -> list[Program]:
   rollout = {**prompts, **_rows(mesh, rules, {"response_tokens": ((b, n), jnp.int32),
                                               "response_lengths": ((b,), jnp.int32), "mask": ((b, n), jnp.bool_)})}
   with sharding.use_mesh(mesh, rules):
+    key = jax.eval_shape(lambda: jax.random.key(0))  # Abstract: nothing may run on a compile-only target.
     sampler = sampling.lower_generate(
-        policy, prompts["prompt_tokens"], prompts["prompt_lengths"], jax.random.key(0), config=model_config,
+        policy, prompts["prompt_tokens"], prompts["prompt_lengths"], key, config=model_config,
         sampling=sampling.SamplingConfig(temperature=settings.temperature), max_new_tokens=n, stop_ids=(1, 2),
         mesh=mesh, rules=rules)
   reward_config = None if config.reward_from == "gold" else model_config
@@ -340,6 +341,10 @@ def stage_programs(config, target: Target, *, vocab_size: int) -> list[Program]:
     raise errors.UserError(f"the planner knows the stages {', '.join(STAGE_PROGRAMS)}, not {config.stage!r}")
   mesh = sharding.make_mesh({axis: int(config.mesh[axis]) for axis in sharding.MESH_AXES}, devices=target.devices)
   model_config = stage.model_config(config.model, vocab_size=vocab_size)
+  # "auto" attention is chosen for the target's devices, not for this process's CPU backend.
+  platform = target.devices[0].platform
+  model_config = model_config.replace(attention_impl=attention.resolve(model_config.attention_impl, platform,
+                                                                       model_config.compute_dtype))
   with gpu_target.deviceless_cudnn(target.name):  # cuDNN attention lowers for a GPU target (a no-op otherwise).
     return STAGE_PROGRAMS[config.stage](config, model_config, mesh, sharding.DEFAULT_RULES)
 

@@ -1,6 +1,10 @@
 """The transformer: shapes, parameter count, masking, KV cache, scalar head, layouts, numerics."""
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -8,8 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm import attention
 from jaxlm import model as model_lib
 from jaxlm import param_tree
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Odd sizes catch axis mix-ups; 2 layers is the least that can tell scanned from unscanned.
 CONFIG = model_lib.ModelConfig(vocab_size=61, embed_dim=32, num_layers=2, num_heads=4,
@@ -78,6 +85,8 @@ def test_config_round_trips_and_validates():
               {"remat_policy": "some"}, {"attention_impl": "flash"}, {"num_layers": 0}):
     with pytest.raises(ValueError):
       CONFIG.replace(**bad)
+  for impl in attention.IMPLS:
+    assert CONFIG.replace(attention_impl=impl).attention_impl == impl
 
 
 def test_changing_a_future_token_never_changes_past_logits(params):
@@ -327,7 +336,7 @@ def test_initialisation_follows_the_documented_scheme(params):
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
 def test_blocked_attention_equals_the_xla_path_with_its_gradients(params, monkeypatch, num_kv_heads):
   """Blocks of 4 queries over 11 tokens (a partial last block), packed segments and padding."""
-  monkeypatch.setattr(model_lib, "ATTENTION_BLOCK", 4)  # read at trace time; 3 blocks here
+  monkeypatch.setattr(attention, "BLOCK", 4)  # read at trace time; 3 blocks here
   config = CONFIG.replace(num_kv_heads=num_kv_heads, attention_impl="xla")
   params = _init(config)
   tokens = _tokens((2, 11))
@@ -341,9 +350,13 @@ def test_blocked_attention_equals_the_xla_path_with_its_gradients(params, monkey
                              atol=1e-5)
 
 
-@pytest.mark.parametrize("attention_impl", [None, "blocked"])
+@pytest.mark.parametrize("attention_impl", [None, "blocked", "splash"])
 def test_branches_see_the_shared_prefix_and_never_each_other(params, attention_impl):
-  """[prefix | a | b] in one row scores a and b as rows [prefix | a] and [prefix | b] would."""
+  """[prefix | a | b] in one row scores a and b as rows [prefix | a] and [prefix | b] would.
+
+  A fused kernel cannot hold the branch mask: "splash" runs the XLA path for the branched row,
+  and its own kernel (interpret mode) for the plain rows it is compared with.
+  """
   config = CONFIG.replace(attention_impl=attention_impl)
   prefix, a, b = _tokens((3,), seed=4), _tokens((4,), seed=5), _tokens((2,), seed=6)
   row = jnp.concatenate([prefix, a, b, jnp.zeros((1,), jnp.int32)])[None]
@@ -372,3 +385,37 @@ def test_scan_unroll_changes_nothing_but_speed(params):
                                atol=1e-6)
   with pytest.raises(ValueError, match="scan_unroll"):
     CONFIG.replace(scan_unroll=0)
+
+
+def test_the_tied_embedding_is_gathered_once_and_its_gradient_reduced_once():
+  """On 8 fake devices with FSDP, a train step's compiled program moves the [V, E] table once
+  each way: one all-gather of the (cast) table, one reduction of its gradient, although the
+  lookup and the tied head both read it."""
+  script = textwrap.dedent("""
+      import re, flax.linen as nn, jax, jax.numpy as jnp
+      from jaxlm import model as model_lib, sharding
+      config = model_lib.ModelConfig.from_dict(CONFIG_DICT).replace(dtype="bfloat16")
+      mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+      abstract = jax.eval_shape(lambda: model_lib.init_params(config, jax.random.key(0)))
+      shardings = sharding.logical_shardings(abstract, mesh)
+      params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            nn.meta.unbox(abstract), shardings)
+      tokens = jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=sharding.batch_sharding(mesh))
+      def loss(params, tokens):
+        logits = model_lib.Transformer(config).apply({"params": params}, tokens).logits
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+      with sharding.use_mesh(mesh):
+        text = jax.jit(jax.grad(loss), out_shardings=shardings).lower(params, tokens).compile().as_text()
+      table = f"[{config.vocab_size},{config.embed_dim}]"
+      ops = re.findall(r"= (.*?) (all-gather|all-reduce|reduce-scatter)(?:-start)?\\(", text)
+      # Tensors, not ops: XLA combines reductions into one op over a tuple of tensors.
+      print(sorted(op for result, op in ops for _ in range(result.count(table))))
+  """).replace("CONFIG_DICT", repr(CONFIG.to_dict()))
+  path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+             PYTHONPATH=path)
+  result = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  # A replicated table read by both uses had its gradient reduced twice (two [V, E] all-reduces).
+  assert result.stdout.split("\n")[-2] == "['all-gather', 'all-reduce']", result.stdout

@@ -161,8 +161,8 @@ def main(argv) -> None:
         f"microbatches {config.num_microbatches}, dtype {model_config.dtype}, remat {model_config.remat_policy}")
   print(f"FLOPs per step: model {model_flops:.4g} (6N + causal attention), executed {executed_flops:.4g}"
         f"{lower_bound} ({100 * (executed_flops / model_flops - 1):+.1f}%)")
-  print(f"| compile | step | tokens/s | MFU (model) | MFU (executed) | peak (per device) | memory |")
-  print(f"|---|---|---|---|---|---|---|")
+  print("| compile | step | tokens/s | MFU (model) | MFU (executed) | peak (per device) | memory |")
+  print("|---|---|---|---|---|---|---|")
   print(f"| {compile_s:.1f} s | {seconds * 1e3:.1f} ms | {tokens_per_s:,.0f} | {mfu(model_flops)} | "
         f"{mfu(executed_flops)} | {peak / 1e12:.3g} TFLOP/s ({peak_what}) | {memory} |")
   del compiled
