@@ -300,6 +300,9 @@ def _generate(params, prompt_tokens, prompt_lengths, rng, *, config, sampling, m
   if config.scan_layers:  # Decode with unrolled layers; see "Decode loop" in the docstring.
     params = param_tree.unstack_layers(params)
     config = config.replace(scan_layers=False)
+  # No backward pass here, so nothing to rematerialise (and remat would trace the per-layer
+  # cache's layer index, which must stay a python int).
+  config = config.replace(remat_policy="none")
   params = _cast_matmul_weights(params, config.compute_dtype)
   model = model_lib.Transformer(config)
   apply = lambda tokens, **kw: model.apply({"params": params}, tokens, **kw)

@@ -58,6 +58,17 @@ def test_greedy_with_cache_matches_full_forward_for_ragged_prompts():
     assert np.asarray(generated[i]).tolist() == _reference_greedy(params, p, 7)
 
 
+def test_a_remat_model_samples_like_the_same_model_without_remat():
+  """Remat only changes a backward pass; the sampler (the 1b preset's remat policy) must run it
+  and produce the same tokens."""
+  params = jax.tree.map(lambda p: p * 8.0, sharding.unbox(model_lib.init_params(CONFIG, jax.random.key(0))))
+  tokens, lengths = np.asarray([[1, 5, 9], [1, 4, 0]], np.int32), np.asarray([3, 2], np.int32)
+  plain, _ = sampling.greedy_generate(params, tokens, lengths, config=CONFIG, max_new_tokens=5)
+  remat, _ = sampling.greedy_generate(params, tokens, lengths, max_new_tokens=5,
+                                      config=CONFIG.replace(remat_policy="dots_with_no_batch_dims_saveable"))
+  assert np.asarray(remat).tolist() == np.asarray(plain).tolist()
+
+
 def test_rows_stop_at_their_stop_token():
   params = sharding.unbox(model_lib.init_params(CONFIG, jax.random.key(1)))
   params = jax.tree.map(lambda p: p * 8.0, params)
