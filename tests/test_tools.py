@@ -33,7 +33,7 @@ def test_chat_one_shot_prints_just_the_reply(tiny_pretrain_run, data_cache):
   result = run_tool("chat", "--workdir", workdir, "--prompt", "What is the capital of France?",
                     "--greedy", "--max_new_tokens", 16, data_cache=data_cache)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout.strip()
+  assert len(result.stdout) > 1  # A reply (a tiny model's may be only spaces), then the newline.
   # Exactly the library's reply, and nothing else on stdout.
   pieces = inference.stream_reply(inference.load_run(workdir),
                                   [{"role": "user", "content": "What is the capital of France?"}],
