@@ -43,7 +43,7 @@ from jaxlm.data import pipelines
 
 cli.define_flags()
 # The stages each parent key accepts (read from the parent's manifest before anything runs).
-PARENTS = {"init_from": ("sft", "dpo"), "eval.judge": ("reward",)}
+PARENTS = {"init_from": ("sft", "dpo", "import"), "eval.judge": ("reward",)}
 
 REFERENCE_FILE = "reference_logps.npy"
 
@@ -108,6 +108,7 @@ def main(argv) -> None:
   config, workdir = cli.config(), cli.workdir()
   loop = check_config(config)
   stage.check_parents(config, PARENTS)
+  stage.adopt_parent_model(config)  # an imported parent's shape, not the preset's
   stage.quiet_library_logs()
   session_start = time.perf_counter()
 

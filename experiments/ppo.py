@@ -52,11 +52,10 @@ from jaxlm import trainer
 from jaxlm import training
 from jaxlm.data import pipelines
 from jaxlm.data import world_reward
-from jaxlm.tokenizer import END_OF_TURN_ID, EOS_ID
 
 cli.define_flags()
 # The stages each parent key accepts (read from the parent's manifest before anything runs).
-PARENTS = {"init_from": ("sft", "dpo"), "reward_from": ("reward",), "eval.judge": ("reward",)}
+PARENTS = {"init_from": ("sft", "dpo", "import"), "reward_from": ("reward",), "eval.judge": ("reward",)}
 
 STATS_FILE = "reward_stats.json"  # written by experiments/reward.py
 
@@ -130,6 +129,7 @@ def main(argv) -> None:
   config, workdir = cli.config(), cli.workdir()
   check_config(config)
   stage.check_parents(config, PARENTS)
+  stage.adopt_parent_model(config)  # an imported parent's shape, not the preset's
   stage.quiet_library_logs()
   session_start = time.perf_counter()
   ppo = ppo_lib.PPOConfig(**dict(config.ppo))
@@ -225,7 +225,7 @@ def main(argv) -> None:
     rollout = ppo_lib.collect_rollout(
         state.params, prompts["prompt_tokens"], prompts["prompt_lengths"],
         jax.random.fold_in(jax.random.key(config.seed), iteration), config=model_config, ppo=ppo,
-        max_new_tokens=config.max_new_tokens, stop_ids=(END_OF_TURN_ID, EOS_ID), mesh=mesh)
+        max_new_tokens=config.max_new_tokens, stop_ids=tok.chat_format.stop_ids, mesh=mesh)
     response_tokens, lengths = jax.device_get((rollout["response_tokens"], rollout["response_lengths"]))
     times["time_generate"] = time.perf_counter() - start
 

@@ -49,7 +49,7 @@ PARENTS = {"init_from": ("pretrain",)}
 
 def get_tokenizer(config, run: checkpoint.RunDir, train_source) -> tokenizer_lib.Tokenizer:
   """This run's tokenizer: the one in the run dir (resume), the parent's, a given one, or a new one."""
-  if os.path.exists(run.tokenizer_path):
+  if run.has_tokenizer():
     return run.load_tokenizer()
   if config.init_from:  # Continued pretraining keeps the parent's vocabulary.
     tok = checkpoint.RunDir(config.init_from).load_tokenizer()

@@ -42,7 +42,7 @@ from jaxlm.data import pipelines
 
 cli.define_flags()
 # The stages each parent key accepts (read from the parent's manifest before anything runs).
-PARENTS = {"init_from": ("sft", "pretrain")}
+PARENTS = {"init_from": ("sft", "pretrain", "import")}
 
 STATS_FILE = "reward_stats.json"
 
@@ -87,6 +87,7 @@ def main(argv) -> None:
   config, workdir = cli.config(), cli.workdir()
   loop = check_config(config)
   stage.check_parents(config, PARENTS)
+  stage.adopt_parent_model(config)  # an imported parent's shape, not the preset's
   stage.quiet_library_logs()
   session_start = time.perf_counter()
 

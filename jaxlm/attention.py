@@ -66,6 +66,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 # cuDNN's packed (segment) layout is reachable only here: jax.nn.dot_product_attention takes
 # sequence lengths, not segments.
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_lib
@@ -107,17 +108,74 @@ CACHE_AXES = {
 # ---------------------------------------------------------------------------------------------
 
 
-def rope_tables(positions: Array, head_dim: int, theta: float,
-                table_len: int) -> tuple[Array, Array]:
-  """sin, cos [B, T, Dh/2] float32 of angle p * theta^(-2i/Dh) for i < Dh/2.
+# RoPE scaling (`ModelConfig.rope_scaling`, Hugging Face's spelling): the keys each supported
+# rope_type takes besides "rope_type" itself ("default" = no scaling). The other types (yarn,
+# dynamic, longrope, ...) are refused: they change more than the frequencies (an attention scale,
+# tables that depend on the sequence length).
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling=None) -> np.ndarray:
+  """The inverse frequencies f_i [Dh/2] float32 of RoPE, i < Dh/2, as transformers computes them.
+
+    default   f_i = 1 / theta^(2i / Dh)
+    linear    f_i / factor                          (positions stretched `factor` times)
+    llama3    (Llama 3.1+) by the wavelength w_i = 2 pi / f_i against L0 / high_freq_factor
+              and L0 / low_freq_factor (L0 = original_max_position_embeddings):
+                w_i < L0 / high:   f_i              (short wavelengths kept)
+                w_i > L0 / low:    f_i / factor     (long ones stretched)
+                otherwise          (1 - s) f_i / factor + s f_i
+                                   with s = (L0 / w_i - low) / (high - low)
+
+  `scaling`: None or the validated mapping (or items) of `ModelConfig.rope_scaling`. Computed here
+  with numpy, once per trace: constants of the program, the same on every backend. The operations
+  and their float32 roundings follow `transformers.modeling_rope_utils` (torch's `a / tensor` is
+  `tensor.reciprocal() * a`), except the power, which is rounded once from float64: torch's
+  float32 pow is not correctly rounded (Sleef on CPUs, its own on CUDA), so transformers' values
+  themselves depend on the machine; on an AVX-512 CPU they are these but one ulp off in 0.4% of
+  the entries of a sweep over head_dim 8..256 and theta 1e4..1e6 (none at Llama 3's 128, 5e5).
+  """
+  f32 = np.float32
+  exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(f32) / f32(head_dim)
+  powers = np.power(np.float64(theta), exponents.astype(np.float64)).astype(f32)
+  inv_freq = f32(1) / powers
+  scaling = dict(scaling or ())
+  kind = scaling.get("rope_type", "default")
+  if kind == "default":
+    return inv_freq
+  if kind == "linear":
+    return inv_freq / f32(scaling["factor"])
+  if kind != "llama3":
+    raise ValueError(f"rope_type {kind!r} not in {['default', *ROPE_SCALING_KEYS]}")
+  # Scalars are Python floats where transformers has them, rounded to float32 where they meet
+  # a tensor (as torch does with a Python scalar).
+  factor, low, high, old_len = (float(scaling[k]) for k in (
+      "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
+  low_wavelen, high_wavelen = f32(old_len / low), f32(old_len / high)
+  wavelen = (f32(1) / inv_freq) * f32(2 * math.pi)
+  stretched = np.where(wavelen > low_wavelen, inv_freq / f32(factor), inv_freq)
+  smooth = ((f32(1) / wavelen) * f32(old_len) - f32(low)) / f32(high - low)
+  smoothed = (f32(1) - smooth) * stretched / f32(factor) + smooth * stretched
+  medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+  return np.where(medium, smoothed, stretched).astype(f32)
+
+
+def rope_tables(positions: Array, head_dim: int, theta: float, table_len: int,
+                scaling=None) -> tuple[Array, Array]:
+  """sin, cos [B, T, Dh/2] float32 of the angles p * f_i, f = `rope_frequencies(head_dim, theta,
+  scaling)`.
 
   Looked up in a [table_len, Dh/2] table of every position rather than computed per token:
   XLA fuses an elementwise sin/cos into each of its consumers and recomputes it there, per
   head, in every layer, forward and backward (a tenth of a DPO step on XLA:CPU); a lookup is
   a load of the same angles. Positions outside [0, table_len) are clamped, so callers size the
   table to cover every real position (`Transformer` uses max(max_len, T, cache slots)).
+  The angle is the float32 product p * f_i, as transformers rounds it.
   """
-  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  inv_freq = jnp.asarray(rope_frequencies(head_dim, theta, scaling))
   angles = jnp.arange(table_len, dtype=jnp.float32)[:, None] * inv_freq
   return (jnp.take(jnp.sin(angles), positions, axis=0, mode="clip"),
           jnp.take(jnp.cos(angles), positions, axis=0, mode="clip"))
@@ -126,7 +184,9 @@ def rope_tables(positions: Array, head_dim: int, theta: float,
 def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
   """Rotates the pairs (x[i], x[i + Dh/2]) of x [B, T, N, Dh] by the angles of `rope_tables`.
 
-  Rotating q and k by their own positions makes q.k depend on the offset only.
+  Rotating q and k by their own positions makes q.k depend on the offset only. This is
+  transformers' `q * cos + rotate_half(q) * sin` (cos, sin repeated over both halves), computed
+  in float32 and rounded once to x's dtype.
   """
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   sin, cos = sin[:, :, None, :], cos[:, :, None, :]

@@ -80,6 +80,17 @@ PARAMS_KEY = "params"  # the top-level entry of the train state that `load_paren
 FREE_MODEL_FIELDS = frozenset({"max_len", "dtype", "remat_policy", "scan_unroll", "attention_impl"})
 
 
+JAXLM_ORIGIN = "jaxlm"  # `manifest["model_origin"]` of a model grown by jaxlm's stage 1
+
+
+def parent_model_origin(parent_workdir: str | os.PathLike) -> str:
+  """The `model_origin` of a run directory's manifest ("jaxlm" for runs written before it
+  existed, and for a directory without one: stages check their parents before writing)."""
+  path = os.path.join(os.fspath(parent_workdir), "manifest.json")
+  manifest = _read_json(path, "manifest.json") if os.path.exists(path) else {}
+  return manifest.get("model_origin") or JAXLM_ORIGIN
+
+
 # --- JSON helpers ----------------------------------------------------------------------------
 
 
@@ -171,18 +182,25 @@ class RunDir:
   def read_config(self) -> dict:
     return _read_json(self.config_path, "config.json")
 
-  def save_tokenizer(self, tokenizer: tokenizer_lib.Tokenizer) -> None:
-    """Writes tokenizer.model (atomically) on process 0."""
+  def save_tokenizer(self, tokenizer: tokenizer_lib.TokenizerLike) -> None:
+    """Writes the tokenizer's files (tokenizer.model, or tokenizer.json and its config and chat
+    template for an imported one), each atomically, on process 0."""
     if jax.process_index() == 0:
-      tokenizer.save(self.tokenizer_path)
+      tokenizer.save(self.workdir)
 
-  def load_tokenizer(self) -> tokenizer_lib.Tokenizer:
-    return tokenizer_lib.Tokenizer.load(self.tokenizer_path)
+  def has_tokenizer(self) -> bool:
+    """Whether the run directory holds a tokenizer (either kind)."""
+    return any(os.path.isfile(os.path.join(self.workdir, name))
+               for name in (tokenizer_lib.SENTENCEPIECE_FILE, tokenizer_lib.HF_TOKENIZER_FILE))
+
+  def load_tokenizer(self) -> tokenizer_lib.TokenizerLike:
+    """The run's tokenizer (`tokenizer_lib.load_tokenizer`); errors name the directory."""
+    return tokenizer_lib.load_tokenizer(self.workdir)
 
   def write_manifest(self, *, stage: str, parent: str | os.PathLike | None, config: Any,
                      tokenizer_hash: str, data_source: str,
                      model_config: ModelConfig | Mapping[str, Any] | None = None,
-                     extra: Mapping[str, Any] | None = None) -> dict:
+                     extra: Mapping[str, Any] | None = None, model_origin: str | None = None) -> dict:
     """Writes manifest.json at the start of a session, marked not complete.
 
     Resuming (a manifest already here) keeps `created`, counts the session and carries the
@@ -196,6 +214,10 @@ class RunDir:
       data_source: the data layer's description of the source, with its version.
       model_config: the model's `ModelConfig` (or its dict), for the next stage.
       extra: more JSON-able facts worth keeping (e.g. number of parameters).
+      model_origin: where the model's architecture comes from: "jaxlm" (grown by stage 1) or
+        "hf:<architecture>" (an imported Hugging Face model, `tools/import_hf.py`). None: the
+        parent's (so it follows the lineage), else "jaxlm". A child of an imported model takes
+        its shape from the parent rather than from a preset (`jaxlm.stage.adopt_parent_model`).
 
     Returns:
       The manifest as written (computed on every process; written by process 0).
@@ -207,6 +229,8 @@ class RunDir:
     self._prior_wall_time_s = float((old or {}).get("wall_time_s") or 0.0)
     commit, dirty = _git_info()
     devices = jax.devices()
+    if model_origin is None:
+      model_origin = parent_model_origin(parent) if parent else JAXLM_ORIGIN
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "stage": stage,
@@ -219,6 +243,7 @@ class RunDir:
         "tokenizer_hash": tokenizer_hash,
         "data_source": data_source,
         "model_config": _plain(model_config) if model_config is not None else None,
+        "model_origin": model_origin,
         "git_commit": commit,
         "git_dirty": dirty,
         "jaxlm_version": jaxlm.__version__,
@@ -460,7 +485,7 @@ class ParentRun:
   step: int
   params: Any
   model_config: ModelConfig
-  tokenizer: tokenizer_lib.Tokenizer
+  tokenizer: tokenizer_lib.TokenizerLike
   manifest: dict
   config: dict
 
@@ -549,7 +574,7 @@ def load_parent(parent_workdir: str | os.PathLike, *, expect_tokenizer_hash: str
                      "require_complete=False to use its latest checkpoint")
   tokenizer = run.load_tokenizer()
   if manifest.get("tokenizer_hash") not in (None, tokenizer.content_hash):
-    raise errors.ParentError(f"{run.tokenizer_path} (sha256 {tokenizer.content_hash}) is not the "
+    raise errors.ParentError(f"the tokenizer in {run.workdir} (sha256 {tokenizer.content_hash}) is not the "
                      f"tokenizer the manifest records ({manifest['tokenizer_hash']}): the run "
                      "directory was modified")
   if expect_tokenizer_hash is not None and expect_tokenizer_hash != tokenizer.content_hash:

@@ -16,6 +16,7 @@ import numpy as np
 from jaxlm import losses
 from jaxlm import model as model_lib
 from jaxlm import sampling
+from jaxlm.tokenizer import bos_prefix
 from jaxlm.data import world_reward
 
 
@@ -26,12 +27,13 @@ def _bucket(n: int, multiple: int = 16) -> int:
 
 def complete(params, config: model_lib.ModelConfig, tokenizer, prefixes: Sequence[str], *,
              max_new_tokens: int, batch_size: int = 64, stop_ids: Sequence[int] = ()) -> list[str]:
-  """Greedy continuations of plain-text prefixes (each starts a document: `<bos> prefix`).
+  """Greedy continuations of plain-text prefixes (each starts a document: `<bos> prefix`, or
+  just `prefix` for a tokenizer without bos).
 
   Args:
     params: plain model params (on device or host).
     config: the model config.
-    tokenizer: a `jaxlm.tokenizer.Tokenizer`.
+    tokenizer: any jaxlm tokenizer (`jaxlm.tokenizer.TokenizerLike`).
     prefixes: the texts to continue; one longer than the context allows keeps its last tokens.
     max_new_tokens: tokens generated per prefix.
     batch_size: prefixes per generation call; the last batch is padded to this size, so every
@@ -42,17 +44,21 @@ def complete(params, config: model_lib.ModelConfig, tokenizer, prefixes: Sequenc
     The decoded continuations, in order.
   """
   # A prefix too long for the context keeps its last tokens (what the continuation follows).
-  room = config.max_len - max_new_tokens - 1
+  bos = bos_prefix(tokenizer)
+  room = config.max_len - max_new_tokens - len(bos)
   if room < 1:
     raise ValueError(f"{max_new_tokens} new tokens leave no room for a prefix within the model's "
                      f"max_len {config.max_len}")
-  encoded = [[tokenizer.bos_id] + tokenizer.encode(p)[-room:] for p in prefixes]
+  encoded = [bos + tokenizer.encode(p)[-room:] for p in prefixes]
+  if any(not ids for ids in encoded):  # Only possible without bos: nothing to continue from.
+    raise ValueError("complete: an empty prefix needs a tokenizer with a bos token")
   width = min(_bucket(max((len(e) for e in encoded), default=1)), config.max_len - max_new_tokens)
   outputs = []
   for start in range(0, len(encoded), batch_size):
     chunk = encoded[start:start + batch_size]
     tokens = np.zeros((batch_size, width), np.int32)
-    lengths = np.ones((batch_size,), np.int32)  # Padding rows: a lone <pad> prompt.
+    tokens[:, 0] = tokenizer.pad_id  # Padding rows: a lone <pad> prompt.
+    lengths = np.ones((batch_size,), np.int32)
     for i, ids in enumerate(chunk):
       tokens[i, : len(ids)] = ids
       lengths[i] = len(ids)
@@ -131,7 +137,7 @@ def fact_choice_accuracy(params, config: model_lib.ModelConfig, tokenizer,
       families[p["family"]].append(p["answer"])
   sequences, owners = [], []
   for i, probe in enumerate(probes):
-    prefix = [tokenizer.bos_id] + tokenizer.encode(probe["prefix"])
+    prefix = bos_prefix(tokenizer) + tokenizer.encode(probe["prefix"])
     for candidate in families[probe["family"]]:
       # Each content is encoded on its own (like the chat template), so a candidate's tokens
       # are the same whatever prefix precedes it.

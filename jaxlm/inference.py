@@ -10,7 +10,8 @@ Two ways to generate, with the same model, chat template and sampling rule:
   batched sampler every evaluation uses), for `tools/sample.py`.
 
 Both render the prompt with `chat_template.render_prompt` (the conversation so far, then
-``<|assistant|>``), stop after ``<|end|>`` or ``</s>``, choose tokens with
+what opens an assistant turn: jaxlm's ``<|assistant|>``), stop at the tokenizer's chat format's
+`stop_ids` (jaxlm: ``<|end|>`` or ``</s>``; Llama 3: ``<|eot_id|>``, ``<|end_of_text|>``), choose tokens with
 `sampling.sample_logits`, and derive the key of step t of row b as
 ``fold_in(fold_in(rng, b), t)`` (the rule `jaxlm.sampling` documents). So at the same settings
 a streamed reply is the reply `generate` gives row 0 of a batch with the same key; greedy
@@ -19,8 +20,9 @@ replies agree with any batch row.
 Each reply is described by the same four numbers wherever it comes from:
 
   text        the reply, decoded up to (not including) the stop token
-  ended_turn  whether the model closed its turn with ``<|end|>``; False: it stopped on ``</s>``
-              (which the chat template never trains) or was cut off at `max_new_tokens`
+  ended_turn  whether the model closed its turn with the format's end of turn (``<|end|>``);
+              False: it stopped on another stop id (``</s>``, which the chat template never
+              trains) or was cut off at `max_new_tokens`
   num_tokens  tokens generated, the stop token included
   log_prob    the sum of the generated tokens' log-probs (the stop token included) under the
               distribution each was drawn from (see `jaxlm.sampling`: after temperature and
@@ -32,7 +34,7 @@ model's `max_len` slots, and a batch is padded to `batch_size` rows (or the next
 for fewer prompts).
 
 Prompts longer than the context allows (``max_len - max_new_tokens`` tokens) keep their last
-tokens behind the ``<s>`` (`policy_eval.left_truncate`): the newest turns and the
+tokens behind the ``<s>`` (if the tokenizer has one; `policy_eval.left_truncate`): the newest turns and the
 ``<|assistant|>`` marker survive, the oldest text (a system message included) is cut. `tools/chat.py` avoids that by dropping whole old
 turns first (`fits`).
 """
@@ -57,7 +59,6 @@ from jaxlm import sampling as sampling_lib
 from jaxlm import tokenizer as tokenizer_lib
 
 PROMPT_BUCKET = 64  # prompt widths are rounded up to a multiple of this (one compile per bucket)
-STOP_IDS = (tokenizer_lib.END_OF_TURN_ID, tokenizer_lib.EOS_ID)
 POLICY_STAGES = ("pretrain", "sft", "ppo", "dpo")
 
 
@@ -82,7 +83,7 @@ class LoadedModel:
 
   params: Any
   model_config: model_lib.ModelConfig
-  tokenizer: tokenizer_lib.Tokenizer
+  tokenizer: tokenizer_lib.TokenizerLike
   manifest: dict
   config: dict
   stage: str
@@ -181,7 +182,8 @@ def prompt_ids(loaded: LoadedModel, messages: Sequence[Mapping[str, Any]], *,
                max_new_tokens: int, where: str = "") -> np.ndarray:
   """The rendered prompt int32 [T], T <= max_len - max_new_tokens (left-truncated to fit)."""
   ids = chat_template.render_prompt(loaded.tokenizer, messages, where=where)
-  return policy_eval.left_truncate(ids, prompt_room(loaded, max_new_tokens))
+  return policy_eval.left_truncate(ids, prompt_room(loaded, max_new_tokens),
+                                   bos_id=loaded.tokenizer.bos_id)
 
 
 def fits(loaded: LoadedModel, messages: Sequence[Mapping[str, Any]], *,
@@ -273,6 +275,7 @@ def stream_reply(loaded: LoadedModel, messages: Sequence[Mapping[str, Any]], *,
     DataError: the messages break the schema. ValueError: a bad max_new_tokens.
   """
   config, tokenizer = loaded.model_config, loaded.tokenizer
+  chat_format = tokenizer.chat_format
   ids = prompt_ids(loaded, messages, max_new_tokens=max_new_tokens)
   tokens = np.zeros((1, min(_bucket(len(ids)), config.max_len)), np.int32)
   tokens[0, :len(ids)] = ids
@@ -285,14 +288,15 @@ def stream_reply(loaded: LoadedModel, messages: Sequence[Mapping[str, Any]], *,
         loaded.params, cache, logits, np.asarray([len(ids) + step], np.int32), row_key,
         np.int32(step), config=config, sampling=sampling)
     token, log_prob = int(token[0]), log_prob + float(token_log_prob[0])
-    if token in STOP_IDS:
-      # Like every evaluation (`policy_eval.reply_from_ids`): only <|end|> ends a turn well.
-      ended = token == tokenizer_lib.END_OF_TURN_ID
+    if token in chat_format.stop_ids:
+      # Like every evaluation (`policy_eval.reply_from_ids`): only the end of turn ends it well.
+      ended = token == chat_format.end_of_turn_id
       stopped = True
       break
     reply.append(token)
     text = _settled(tokenizer.decode(reply))
-    # SentencePiece decoding is prefix-stable once bytes are complete; if it ever is not, hold
+    # Decoding is prefix-stable once bytes are complete; if it ever is not (a Hugging Face
+    # decoder that strips a leading space, say), hold
     # the text back rather than yield something that contradicts what was shown.
     if len(text) > len(shown) and text.startswith(shown):
       yield text[len(shown):]

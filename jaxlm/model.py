@@ -14,6 +14,21 @@ Architecture (pre-norm, Llama-style)::
   logits = h @ embed^T  (tied, default) or h @ lm_head   [B, T, V] float32
   scalar = h[b, scalar_index[b]] . w + b0                [B] float32 (reward model, PPO value)
 
+  Attention(x):
+    q, k, v = x @ Wq (+ bq), x @ Wk (+ bk), x @ Wv (+ bv)    biases iff `qkv_bias` (Qwen2)
+    q, k = RMSNorm_Dh(q), RMSNorm_Dh(k) per head             iff `qk_norm` (Qwen3)
+    q, k = RoPE(q), RoPE(k)        frequencies rescaled as `rope_scaling` says (Llama 3.1+)
+    out = softmax(q k^T / sqrt(Dh) + mask) v @ Wo            (no o bias)
+
+These are the architectures of Hugging Face's Llama (2, 3, 3.1, 3.2), Mistral, Qwen2/2.5 and
+Qwen3, with their roundings where jaxlm computes in a lower precision than float32: an RMSNorm
+normalises in float32, rounds to the compute dtype, then multiplies by its scale in the compute
+dtype (`RMSNorm`), and a biased projection adds its bias before its one rounding (`Dense`).
+RoPE and the logits stay float32 (transformers rounds cos/sin and its bf16 logits), so a bf16
+run differs from a bf16 transformers run by bf16 noise there; float32 runs agree to float32
+noise. head_dim need not be E / H (Mistral Nemo), and V may exceed the tokenizer's vocabulary
+(Qwen pads its embedding).
+
 Attention (`jaxlm/attention.py`). Causal within segments: packed documents never see each
 other, and padding (segment id 0) sees only padding. `positions` (RoPE) restart at 0 per
 document; when omitted they are derived from `segment_ids`. `branch_ids` hold several
@@ -32,6 +47,11 @@ the tree is::
   layers/attn/k/kernel     [L, E, Hkv, Dh]    (layers, embed, heads, kv)
   layers/attn/v/kernel     [L, E, Hkv, Dh]    (layers, embed, heads, kv)
   layers/attn/o/kernel     [L, H, Dh, E]      (layers, heads, kv, embed)
+  layers/attn/q/bias       [L, H, Dh]         (layers, heads, kv)      only if qkv_bias
+  layers/attn/k/bias       [L, Hkv, Dh]       (layers, heads, kv)      only if qkv_bias
+  layers/attn/v/bias       [L, Hkv, Dh]       (layers, heads, kv)      only if qkv_bias
+  layers/attn/q_norm/scale [L, Dh]            (layers, kv)             only if qk_norm
+  layers/attn/k_norm/scale [L, Dh]            (layers, kv)             only if qk_norm
   layers/mlp_norm/scale    [L, E]             (layers, embed)
   layers/mlp/gate/kernel   [L, E, M]          (layers, embed, mlp)
   layers/mlp/up/kernel     [L, E, M]          (layers, embed, mlp)
@@ -46,8 +66,8 @@ the tree is::
 
 Init scheme (GPT-2): every kernel and the embedding ~ normal(0.02); the residual-branch output
 projections (attn/o, mlp/down) ~ normal(0.02 / sqrt(2 L)) so the residual stream's variance
-does not grow with depth; RMSNorm scales 1; the scalar head 0 (a fresh reward/value head
-starts at exactly 0 and learns from there).
+does not grow with depth; RMSNorm scales (the q/k norms' too) 1; q/k/v biases 0; the scalar
+head 0 (a fresh reward/value head starts at exactly 0 and learns from there).
 
 A reward model or value model starts from an SFT (or pretraining) tree, which has no scalar
 head: `params = add_scalar_head(params, config, rng)`. The LM-head weights (if untied) stay in
@@ -85,18 +105,31 @@ def _param(module: nn.Module, name: str, init, names: tuple[str | None, ...],
 
 class Dense(nn.Module):
   """x's last `in_dims` axes contracted with the first `in_dims` axes of a float32 kernel of
-  shape `shape` and logical names `names`, ~ normal(std); the matmul runs in `dtype`."""
+  shape `shape` and logical names `names`, ~ normal(std); the matmul runs in `dtype`.
+
+  With `bias`, plus a zero-initialised bias of the output shape `shape[in_dims:]` (names
+  `names[in_dims:]`), added to the float32 accumulator before the one rounding to `dtype`, as
+  torch's bf16 `nn.Linear` does (checked on CPU; cuBLAS adds it in the GEMM epilogue).
+  """
 
   shape: tuple[int, ...]
   names: tuple[str, ...]
   in_dims: int
   std: float
   dtype: Any
+  bias: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     kernel = _param(self, "kernel", nn.initializers.normal(self.std), self.names, self.shape)
-    return _flat_matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.in_dims)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if not self.bias:
+      return _flat_matmul(x, kernel, self.in_dims)
+    bias = _param(self, "bias", nn.initializers.zeros, self.names[self.in_dims:],
+                  self.shape[self.in_dims:])
+    # The bias in the compute dtype first: what a model holding its weights in that dtype adds.
+    y = _flat_matmul(x, kernel, self.in_dims, preferred_element_type=jnp.float32)
+    return (y + bias.astype(self.dtype).astype(jnp.float32)).astype(self.dtype)
 
 
 def _flat_matmul(x: Array, kernel: Array, in_dims: int, **dot_kwargs) -> Array:
@@ -114,17 +147,28 @@ def _flat_matmul(x: Array, kernel: Array, in_dims: int, **dot_kwargs) -> Array:
 
 
 class RMSNorm(nn.Module):
-  """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32, returned in `dtype`."""
+  """y = round(x / sqrt(mean(x^2) + eps)) * round(scale) over the last axis, in `dtype`.
+
+  The normalisation is computed in float32 and rounded to `dtype`, then multiplied by the scale
+  (a float32 parameter of logical names `names`) rounded to `dtype`: Hugging Face's order
+  (`weight * hidden.to(input_dtype)`), so a bf16 model rounds as a bf16 transformers model does.
+  In float32 both roundings are no-ops.
+  """
 
   eps: float
   dtype: Any
+  names: tuple[str, ...] = ("embed",)
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = _param(self, "scale", nn.initializers.ones, ("embed",), (x.shape[-1],))
+    scale = _param(self, "scale", nn.initializers.ones, self.names, (x.shape[-1],))
     x = x.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    return (x * scale).astype(self.dtype)
+    # Rounded in float32 by reduce_precision, then cast (exactly): XLA may drop a cast pair
+    # f32 -> bf16 -> f32 around the multiply (excess precision), never a reduce_precision.
+    info = jnp.finfo(self.dtype)
+    x = jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return x.astype(self.dtype) * scale.astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -139,10 +183,15 @@ class Attention(nn.Module):
     `mask` is `attention.training_mask(...)` without a cache, the cache's [B, 1, T, S] with one.
     """
     c, dtype = self.config, self.config.compute_dtype
-    qkv_names = ("embed", "heads", "kv")
-    q = Dense((c.embed_dim, c.num_heads, c.head_dim), qkv_names, 1, 0.02, dtype, name="q")(x)
-    k = Dense((c.embed_dim, c.num_kv_heads, c.head_dim), qkv_names, 1, 0.02, dtype, name="k")(x)
-    v = Dense((c.embed_dim, c.num_kv_heads, c.head_dim), qkv_names, 1, 0.02, dtype, name="v")(x)
+    qkv_names, bias = ("embed", "heads", "kv"), c.qkv_bias
+    q = Dense((c.embed_dim, c.num_heads, c.head_dim), qkv_names, 1, 0.02, dtype, bias, name="q")(x)
+    k = Dense((c.embed_dim, c.num_kv_heads, c.head_dim), qkv_names, 1, 0.02, dtype, bias,
+              name="k")(x)
+    v = Dense((c.embed_dim, c.num_kv_heads, c.head_dim), qkv_names, 1, 0.02, dtype, bias,
+              name="v")(x)
+    if c.qk_norm:  # each head's q and k over Dh, one scale shared by the heads; before RoPE
+      q = RMSNorm(c.norm_eps, dtype, ("kv",), name="q_norm")(q)
+      k = RMSNorm(c.norm_eps, dtype, ("kv",), name="k_norm")(k)
     q, k = attention.apply_rope(q, *rope), attention.apply_rope(k, *rope)
     activation_names = ("batch", "length", "heads", "kv")
     q = nn.with_logical_constraint(q, activation_names)
@@ -390,7 +439,7 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(_per_copy(_lookup, tables, tokens), ("batch", "length", "embed"))
     num_slots = 0 if cache is None else cache["valid"].shape[1]
     rope = attention.rope_tables(positions, c.head_dim, c.rope_theta,
-                                 max(c.max_len, length, num_slots))
+                                 max(c.max_len, length, num_slots), c.rope_scaling)
     if cache is None:
       layer_caches, write_slots = None, None
       # The kernel for this call ("auto" resolved, fallbacks applied), seen by every layer.

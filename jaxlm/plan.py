@@ -49,6 +49,7 @@ from jaxlm import model as model_lib
 from jaxlm import sharding
 from jaxlm import stage
 from jaxlm import training
+from jaxlm.checkpoint import FREE_MODEL_FIELDS
 
 GIB = 2**30
 # TPU targets: (topology name, chip config, usable HBM per chip). The HBM is what XLA's TPU
@@ -327,6 +328,22 @@ def _ppo_programs(config, model_config, mesh, rules) -> list[Program]:
 
 STAGE_PROGRAMS = {"pretrain": _lm_programs, "sft": _lm_programs, "reward": _reward_programs, "dpo": _dpo_programs,
                   "ppo": _ppo_programs}
+
+
+def adopt_hf_config(config, path: str):
+  """A copy of a stage config whose model is the Hugging Face model that `path` (a config.json)
+  describes, as `stage.adopt_parent_model` gives a child of an imported run: its shape,
+  vocabulary and options from the file, the preset's dtype, remat, attention and max_len.
+  Nothing but the file is read, so a model can be planned before it is downloaded."""
+  from jaxlm import hf_checkpoint  # Deferred: the planner does not need it otherwise.
+
+  hf_config = hf_checkpoint.read_json(path)
+  imported = hf_checkpoint.model_config_from_hf(hf_config, source=path, dtype=config.model.dtype,
+                                                max_len=int(config.model.max_len))
+  fields = {f"model.{name}": value for name, value in imported.to_dict().items()
+            if name not in FREE_MODEL_FIELDS}
+  fields["model.origin"] = f"hf:{hf_checkpoint.architecture_of(hf_config, path)} (planned from {path})"
+  return with_overrides(config, fields)
 
 
 def default_vocab_size(config) -> int:

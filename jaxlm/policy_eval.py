@@ -6,7 +6,8 @@ After SFT, DPO and PPO the policy answers the test prompts and is measured by (m
                 a world task in their ``meta`` (others have no gold reward); `num_gold` of them
   correct       fraction of those answered correctly (`world_reward.is_correct`)
   reward        mean score of a `Judge` (e.g. `reward_model_judge`), over every prompt
-  well_formed   fraction of replies that end their turn with ``<|end|>``
+  well_formed   fraction of replies that end their turn with the chat format's end of turn
+                (jaxlm: ``<|end|>``; Llama 3: ``<|eot_id|>``; ChatML: ``<|im_end|>``)
   length        mean reply length in tokens, the stop token included (what the policy emitted)
   kl            KL(policy || reference) in nats per reply, estimated from the samples (below)
   win_rate      how often the reply beats a baseline's reply to the same prompt (e.g. the SFT
@@ -55,7 +56,6 @@ from jaxlm import losses
 from jaxlm import model as model_lib
 from jaxlm import sampling as sampling_lib
 from jaxlm.data import world_reward
-from jaxlm.tokenizer import BOS_ID, END_OF_TURN_ID, EOS_ID
 
 # judge(prompt_records, replies, ended_turn) -> float [N], higher is better.
 Judge = Callable[[Sequence[Mapping[str, Any]], Sequence[str], Sequence[bool]], np.ndarray]
@@ -69,17 +69,29 @@ def _bucket(n: int, cap: int) -> int:
   return min(max(WIDTH_MULTIPLE, -(-n // WIDTH_MULTIPLE) * WIDTH_MULTIPLE), cap)
 
 
-def left_truncate(ids: np.ndarray, room: int) -> np.ndarray:
-  """Keeps <s> and the last room - 1 tokens: the end of the conversation is what is answered."""
+def left_truncate(ids: np.ndarray, room: int, *, bos_id: int | None) -> np.ndarray:
+  """Keeps the last `room` tokens: the end of the conversation is what is answered.
+
+  A leading `bos_id` stays in front (a model never saw a conversation without it); with no bos
+  (`bos_id` None, e.g. Qwen, or a prompt that does not start with it) only the tail is kept.
+  """
   if len(ids) <= room:
     return ids
-  return np.concatenate([ids[:1], ids[len(ids) - room + 1:]])
+  if bos_id is not None and len(ids) and ids[0] == bos_id:
+    return np.concatenate([ids[:1], ids[len(ids) - room + 1:]])
+  return ids[len(ids) - room:]
 
 
-def _pad(rows: Sequence[np.ndarray], batch: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-  """Right-pads rows into int32 [batch, width] and lengths [batch]; dummy rows are a lone <s>."""
+def _filler_id(tokenizer) -> int:
+  """The lone token of a dummy row: bos where the tokenizer has one, else its pad id."""
+  return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.pad_id
+
+
+def _pad(rows: Sequence[np.ndarray], batch: int, width: int,
+         filler: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads rows into int32 [batch, width] and lengths [batch]; dummy rows are one `filler`."""
   tokens = np.zeros((batch, width), np.int32)
-  tokens[:, 0] = BOS_ID
+  tokens[:, 0] = filler
   lengths = np.ones((batch,), np.int32)
   for i, ids in enumerate(rows):
     tokens[i, : len(ids)] = ids
@@ -129,7 +141,7 @@ def reward_model_judge(params, config: model_lib.ModelConfig, tokenizer, *,
 
   A reply that did not end its turn has no ``<|end|>``; it is scored at its last token all the
   same (what a reward model makes of an unfinished reply is its own business). Conversations
-  longer than ``config.max_len`` keep <s> and their last tokens.
+  longer than ``config.max_len`` keep <s> (where the tokenizer has one) and their last tokens.
 
   Args:
     params: plain reward-model params, with a ``scalar_head``.
@@ -152,9 +164,10 @@ def reward_model_judge(params, config: model_lib.ModelConfig, tokenizer, *,
       prompt = chat_template.render_prompt(tokenizer, record["prompt"], where=f"prompt {i}")
       reply = chat_template.render_response(tokenizer, text)
       ids = np.concatenate([prompt, reply if ended else reply[:-1]])
-      sequences.append(left_truncate(ids, config.max_len))
+      sequences.append(left_truncate(ids, config.max_len, bos_id=tokenizer.bos_id))
     width = _bucket(max((len(s) for s in sequences), default=1), config.max_len)
-    scores = [_last_token_scalars(params, *_pad(sequences[s:s + batch_size], batch_size, width),
+    scores = [_last_token_scalars(params, *_pad(sequences[s:s + batch_size], batch_size, width,
+                                                _filler_id(tokenizer)),
                                   config=config)
               for s in range(0, len(sequences), batch_size)]
     scores = np.concatenate([np.asarray(x) for x in jax.device_get(scores)] or [np.zeros(0)])
@@ -172,7 +185,8 @@ class Replies:
 
   Attributes:
     texts: the reply texts, decoded up to the first stop token (exclusive).
-    ended_turn: bool [N], the reply ended with ``<|end|>`` (not ``</s>``, not cut off).
+    ended_turn: bool [N], the reply ended with the format's end of turn (jaxlm ``<|end|>``, not
+      ``</s>``, not cut off).
     prompt_ids: N int32 arrays, the rendered prompts as fed to the sampler (left-truncated).
     reply_ids: N int32 arrays, the emitted tokens, the stop token included.
     lengths: int32 [N], len(reply_ids[i]).
@@ -192,16 +206,15 @@ class Replies:
 
 
 def reply_from_ids(tokenizer, ids: Sequence[int] | np.ndarray) -> tuple[str, bool]:
-  """(text, ended_turn) of sampled ids: text up to the first ``<|end|>`` or ``</s>``.
+  """(text, ended_turn) of sampled ids: text up to the first of the chat format's stop ids.
 
-  ended_turn is True only when that first stop is ``<|end|>``: the chat template closes a turn
-  with it and never trains ``</s>`` in a chat, so a reply that stops on ``</s>`` is not a
+  ended_turn is True only when that first stop is the format's end of turn (jaxlm: ``<|end|>``,
+  Llama 3: ``<|eot_id|>``): the chat template closes every trained reply with it, so a reply
+  that stops on another stop id (jaxlm's ``</s>``, Llama 3's ``<|end_of_text|>``) is not a
   well-formed turn (nor is one cut off by the length limit).
   """
-  ids = np.asarray(ids)
-  text, _ = chat_template.parse_reply(tokenizer, ids)
-  stops = np.flatnonzero((ids == END_OF_TURN_ID) | (ids == EOS_ID))
-  return text, bool(stops.size) and bool(ids[stops[0]] == END_OF_TURN_ID)
+  reply = tokenizer.chat_format.parse_reply(ids)
+  return reply.text, reply.ended_turn
 
 
 def generate_replies(params, config: model_lib.ModelConfig, tokenizer,
@@ -223,7 +236,8 @@ def generate_replies(params, config: model_lib.ModelConfig, tokenizer,
     batch_size: prompts per sampler call; the last call is padded with dummy rows.
 
   Returns:
-    `Replies`, in the order of `prompt_records`. Generation stops at ``<|end|>`` or ``</s>``.
+    `Replies`, in the order of `prompt_records`. Generation stops at the chat format's
+    `stop_ids` (jaxlm: ``<|end|>`` or ``</s>``).
   """
   room = config.max_len - max_new_tokens
   if room < 2:
@@ -231,15 +245,16 @@ def generate_replies(params, config: model_lib.ModelConfig, tokenizer,
                      f"model's max_len {config.max_len}")
   prompts = [chat_template.render_prompt(tokenizer, r["prompt"], where=f"prompt {i}")
              for i, r in enumerate(prompt_records)]
-  prompts = [left_truncate(p, room) for p in prompts]
+  prompts = [left_truncate(p, room, bos_id=tokenizer.bos_id) for p in prompts]
   width = _bucket(max((len(p) for p in prompts), default=1), room)
   # Dispatch every batch before reading any back, so host work overlaps device work.
   outputs = []
   for call, start in enumerate(range(0, len(prompts), batch_size)):
-    tokens, lengths = _pad(prompts[start:start + batch_size], batch_size, width)
+    tokens, lengths = _pad(prompts[start:start + batch_size], batch_size, width,
+                           _filler_id(tokenizer))
     out = sampling_lib.generate(params, tokens, lengths, jax.random.fold_in(rng, call),
                                 config=config, sampling=sampling, max_new_tokens=max_new_tokens,
-                                stop_ids=(END_OF_TURN_ID, EOS_ID))
+                                stop_ids=tokenizer.chat_format.stop_ids)
     outputs.append((out.tokens, out.lengths, out.log_probs))
   reply_ids, log_probs = [], []
   for call, (tokens, lengths, token_log_probs) in enumerate(jax.device_get(outputs)):
@@ -291,7 +306,8 @@ def sequence_log_probs(params, config: model_lib.ModelConfig, prompt_ids: Sequen
   width = _bucket(longest, config.max_len)
   scores = []
   for start in range(0, len(sequences), batch_size):
-    tokens, total = _pad(sequences[start:start + batch_size], batch_size, width)
+    # No tokenizer here: a dummy row's lone token can be any id, since it scores nothing.
+    tokens, total = _pad(sequences[start:start + batch_size], batch_size, width, 0)
     chunk = prompt_lengths[start:start + batch_size]
     # Dummy rows get prompt = total = 1: no target falls in [1, 1), so they score 0.
     prompt = np.ones((batch_size,), np.int32)

@@ -52,8 +52,10 @@ FREE_RESUME_KEYS = (
 
 # What a session writes before its first checkpoint, derived from its config (a stale tokenizer, the
 # parent's scores, DPO's reference table, metrics): removed when an unstarted run gets a new config.
-UNSTARTED_FILES = ("manifest.json", "tokenizer.model", "metrics.jsonl", "samples.jsonl", "skipped.jsonl",
-                   "reward_stats.json", "reference_logps*", "events.out.tfevents.*", "checkpoints")
+UNSTARTED_FILES = ("manifest.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "chat_template.jinja", "special_tokens_map.json", "generation_config.json",
+                   "metrics.jsonl", "samples.jsonl", "skipped.jsonl", "reward_stats.json",
+                   "reference_logps*", "events.out.tfevents.*", "checkpoints")
 
 
 def has_checkpoint(workdir: str) -> bool:

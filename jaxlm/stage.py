@@ -167,8 +167,10 @@ def check_parents(config, parents: Mapping[str, Sequence[str]], *, produced: Seq
       raise errors.ParentError(f"{what} is not a jaxlm run directory (no readable manifest.json); "
                                f"expected a {' or '.join(stages)} run") from None
     if manifest.get("stage") not in stages:
+      quoted = [repr(s) for s in stages]
+      accepted = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
       raise errors.ParentError(f"{what} is a {manifest.get('stage')!r} run, but a {config.stage} run's {key} "
-                               f"must be a {' or '.join(repr(s) for s in stages)} run")
+                               f"must be a {accepted} run")
     if not manifest.get("complete"):
       raise errors.ParentError(f"{what}: the {manifest.get('stage')} run is incomplete (its manifest.json "
                                "says complete=false): finish it by rerunning its command")
@@ -345,30 +347,74 @@ def eval_judge(config, tokenizer: tokenizer_lib.Tokenizer):
                                         batch_size=config.eval.batch_size)
 
 
-def child_tokenizer(config, run: checkpoint.RunDir) -> tokenizer_lib.Tokenizer:
+def child_tokenizer(config, run: checkpoint.RunDir) -> tokenizer_lib.TokenizerLike:
   """The tokenizer of a stage that starts from a parent (`config.init_from`), saved in `run`.
 
-  A resumed run keeps its own copy; otherwise `config.tokenizer_path` when set, else the
-  parent's. `checkpoint.load_parent(expect_tokenizer_hash=...)` then refuses a parent trained
-  with another one (its embedding rows would mean other pieces).
+  A resumed run keeps its own copy; otherwise `config.tokenizer_path` when set (a SentencePiece
+  ``.model`` file), else the parent's (either kind: `tokenizer_lib.load_tokenizer`).
+  `checkpoint.load_parent(expect_tokenizer_hash=...)` then refuses a parent trained with another
+  one (its embedding rows would mean other pieces).
   """
-  if os.path.exists(run.tokenizer_path):
+  if run.has_tokenizer():
     tok = run.load_tokenizer()
+  elif config.get("tokenizer_path"):
+    tok = tokenizer_lib.Tokenizer.load(config.tokenizer_path)
   else:
-    path = config.get("tokenizer_path") or checkpoint.RunDir(config.init_from).tokenizer_path
-    if not os.path.exists(path):
-      raise errors.MissingError(f"{path} not found: config.init_from={config.init_from!r} must be a jaxlm run "
-                                "directory (it holds tokenizer.model)")
-    tok = tokenizer_lib.Tokenizer.load(path)
+    parent = checkpoint.RunDir(config.init_from)
+    if not parent.has_tokenizer():
+      raise errors.MissingError(f"config.init_from={config.init_from!r} holds no tokenizer: it must be a jaxlm run "
+                                "directory (with tokenizer.model, or tokenizer.json for an imported model)")
+    tok = parent.load_tokenizer()
   if jax.process_index() == 0:
     run.save_tokenizer(tok)
   return tok
 
 
+def adopt_parent_model(config, key: str = "init_from") -> None:
+  """Gives `config.model` the shape of an imported parent model, so config.json records it.
+
+  A model grown by jaxlm has its shape in the preset, and a child stage checks that the parent
+  has it (`checkpoint.load_parent(expect_model_config=...)`), so a wrong preset is an error. An
+  imported Hugging Face model (manifest `model_origin` "hf:...", also for any stage trained
+  from one) has no preset: its shape, vocabulary size included (Qwen pads the embedding past
+  the tokenizer), comes from the parent's manifest. The preset keeps deciding what
+  `checkpoint.FREE_MODEL_FIELDS` name (dtype, remat, attention kernel, max_len, scan unroll).
+  `config.model.origin` records where the shape came from; `model_config` then keeps the
+  section's vocabulary size instead of the tokenizer's. Done before `check_run`, so a resumed
+  run compares the same adopted config; a parent that does not exist yet (the pipeline makes
+  it first) is left alone.
+  """
+  parent = config_checks.get(config, key) if config_checks.has(config, key) else ""
+  manifest_path = os.path.join(parent, "manifest.json") if parent else ""
+  if not manifest_path or not os.path.exists(manifest_path):
+    return
+  with open(manifest_path) as f:
+    manifest = json.load(f)
+  origin = manifest.get("model_origin") or checkpoint.JAXLM_ORIGIN
+  if origin == checkpoint.JAXLM_ORIGIN or not manifest.get("model_config"):
+    return
+  shape = {name: value for name, value in manifest["model_config"].items()
+           if name not in checkpoint.FREE_MODEL_FIELDS}
+  with config.unlocked():
+    for name, value in shape.items():
+      config.model[name] = value
+    config.model.origin = f"{origin} via {os.path.abspath(parent)}"
+
+
 def model_config(model_section: Mapping[str, Any], *, vocab_size: int) -> model_lib.ModelConfig:
-  """The config's `model` section as a `ModelConfig`, with the tokenizer's vocabulary size."""
-  fields = dict(model_section)
-  fields["vocab_size"] = vocab_size
+  """The config's `model` section as a `ModelConfig`, with the tokenizer's vocabulary size.
+
+  A section adopted from an imported parent (`adopt_parent_model`, it has `origin`) keeps its
+  own vocabulary size, which may exceed the tokenizer's (ids past it are never produced by the
+  tokenizer; the rows are the checkpoint's).
+  """
+  fields = dict(model_section.to_dict() if hasattr(model_section, "to_dict") else model_section)
+  if fields.pop("origin", None):
+    if fields["vocab_size"] < vocab_size:
+      raise errors.ParentError(f"the imported model's vocabulary ({fields['vocab_size']}) is smaller than "
+                               f"its tokenizer's ({vocab_size}): ids past it have no embedding")
+  else:
+    fields["vocab_size"] = vocab_size
   fields["attention_impl"] = fields.get("attention_impl") or None  # "" in configs = jax's choice.
   return model_lib.ModelConfig(**fields)
 

@@ -1,11 +1,42 @@
-"""The SentencePiece tokenizer: training, loading, and the fixed special ids.
+"""Tokenizers: the interface every tokenizer has, jaxlm's SentencePiece one, and loading.
 
-jaxlm has one tokenizer per run. It is a SentencePiece model file (``tokenizer.model``) that is
-trained once, copied into every run directory, and identified in manifests by `content_hash`
-(the sha256 of the file), so a checkpoint can always be matched with the tokenizer it was
-trained with.
+A run uses one tokenizer, saved into its run directory and identified in manifests by
+`content_hash`, so a checkpoint can always be matched with the tokenizer it was trained with.
+Two kinds exist:
 
-Fixed id layout (the same for every jaxlm tokenizer; `Tokenizer` refuses a model without it):
+- jaxlm's own SentencePiece model (``tokenizer.model``, `Tokenizer` below): trained once by
+  `train_tokenizer` on the stage-1 corpus, with the fixed special ids of the table below.
+- a Hugging Face ``tokenizers`` tokenizer (``tokenizer.json`` + ``tokenizer_config.json``
+  [+ ``chat_template.jinja``], `jaxlm.hf_tokenizer.HFTokenizer`), imported with a model
+  (Llama 3, Qwen2/2.5/3, Mistral), whose special ids are wherever that family put them.
+
+The interface (`TokenizerLike`) is what every other module codes against. Special ids are read
+from the instance, never from module constants (the constants below describe the SentencePiece
+layout only and are not imported elsewhere):
+
+| name            | meaning                                                                  |
+|-----------------|--------------------------------------------------------------------------|
+| vocab_size      | number of ids the tokenizer can produce (an imported model's embedding     |
+|                 | may be larger: Qwen pads it to a multiple of 128)                          |
+| content_hash    | sha256 hex identifying the tokenizer's files (manifests, parent checks)    |
+| pad_id          | the id that fills padding (never trained, never attended)                 |
+| bos_id          | the id that opens a document, or None (Qwen has none: documents start      |
+|                 | with their text, and truncation keeps no first token)                     |
+| eos_id          | the id that closes a document in pretraining                              |
+| special_ids     | frozenset of markup ids: `decode` drops them                              |
+| chat_format     | the `jaxlm.chat_template.ChatFormat` that renders chats for this tokenizer |
+| encode(text)    | text -> ids, no bos/eos added, special-token strings inside `text` encoded |
+|                 | as plain text (a user typing a turn marker cannot forge a turn)           |
+| encode_batch    | many texts at once, each as `encode`                                      |
+| decode(ids)     | ids -> text, special ids dropped                                          |
+| id_to_piece(i)  | the vocabulary entry of id i                                              |
+| save(directory) | writes the tokenizer's own files into a (run) directory                   |
+
+`load_tokenizer(directory)` reads whichever kind a directory holds. Every tokenizer pickles
+cheaply (only its file bytes travel), so it can be handed to data-loader workers.
+
+The SentencePiece tokenizer's fixed id layout (the same for every jaxlm-trained tokenizer;
+`Tokenizer` refuses a model without it):
 
 | id  | piece           | kind    | use                                                      |
 |-----|-----------------|---------|----------------------------------------------------------|
@@ -52,12 +83,15 @@ import io
 import itertools
 import os
 import random
-from typing import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import sentencepiece as spm
 
 from jaxlm import files
+
+if TYPE_CHECKING:  # Only for annotations: chat_template imports nothing from here at runtime.
+  from jaxlm.chat_template import ChatFormat
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -78,6 +112,77 @@ DEFAULT_TRAIN_THREADS = 4
 # SentencePiece silently skips training sentences longer than this many bytes, so longer texts
 # are cut into chunks at line boundaries before they reach the trainer.
 _MAX_SENTENCE_BYTES = 8192
+
+# The file a SentencePiece tokenizer is saved as inside a run directory.
+SENTENCEPIECE_FILE = "tokenizer.model"
+# The file that marks a Hugging Face tokenizer directory (see `jaxlm.hf_tokenizer`).
+HF_TOKENIZER_FILE = "tokenizer.json"
+
+
+@runtime_checkable
+class TokenizerLike(Protocol):
+  """What every jaxlm tokenizer provides (see the module docstring's table)."""
+
+  vocab_size: int
+  content_hash: str
+  pad_id: int
+  bos_id: int | None
+  eos_id: int
+  special_ids: frozenset[int]
+
+  @property
+  def chat_format(self) -> "ChatFormat": ...
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
+
+  def id_to_piece(self, i: int) -> str: ...
+
+  def save(self, directory: str | os.PathLike) -> None: ...
+
+
+def bos_prefix(tokenizer: TokenizerLike) -> list[int]:
+  """``[bos_id]``, or ``[]`` for a tokenizer without bos: what opens a document."""
+  return [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+
+
+def load_tokenizer(directory: str | os.PathLike, **hf_options) -> TokenizerLike:
+  """The tokenizer a directory holds (a run directory or an imported model's directory).
+
+  ``tokenizer.model`` there means jaxlm's SentencePiece tokenizer; otherwise ``tokenizer.json``
+  means a Hugging Face one (`jaxlm.hf_tokenizer.HFTokenizer`, which takes `hf_options`, e.g.
+  ``date_string`` for Llama 3.1/3.2 templates). SentencePiece wins when both exist, because only
+  jaxlm writes ``tokenizer.model`` into a run directory.
+
+  Raises:
+    FileNotFoundError: naming the directory, when it holds neither file (or does not exist).
+    ValueError: a file that is there but is not a valid tokenizer (the message names it).
+  """
+  directory = os.fspath(directory)
+  sp_path = os.path.join(directory, SENTENCEPIECE_FILE)
+  if os.path.isfile(sp_path):
+    return Tokenizer.load(sp_path)
+  if os.path.isfile(os.path.join(directory, HF_TOKENIZER_FILE)):
+    from jaxlm import hf_tokenizer  # Deferred: only imported models need tokenizers/jinja2.
+    return hf_tokenizer.HFTokenizer.load(directory, **hf_options)
+  what = "directory does not exist" if not os.path.isdir(directory) else "it holds neither"
+  raise FileNotFoundError(
+      f"no tokenizer in {directory}: expected {SENTENCEPIECE_FILE} (jaxlm's SentencePiece "
+      f"tokenizer) or {HF_TOKENIZER_FILE} (a Hugging Face tokenizer), but the {what}")
+
+
+def check_ids(ids: Sequence[int] | np.ndarray, vocab_size: int) -> list[int]:
+  """`ids` as a list, or ValueError unless they are a 1-D integer sequence in [0, vocab_size)."""
+  array = np.asarray(ids)
+  if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
+    raise ValueError(f"expected a 1-D sequence of integer ids, got shape {array.shape} {array.dtype}")
+  if array.size and (array.min() < 0 or array.max() >= vocab_size):
+    bad = array[(array < 0) | (array >= vocab_size)][0]
+    raise ValueError(f"token id {bad} out of range [0, {vocab_size})")
+  return array.tolist()
 
 
 def _chunks(text: str, max_bytes: int) -> Iterator[str]:
@@ -213,7 +318,7 @@ def train_tokenizer(
 
 
 class Tokenizer:
-  """A loaded jaxlm SentencePiece model.
+  """A loaded jaxlm SentencePiece model (a `TokenizerLike`).
 
   Cheap to pickle (only the model bytes travel), so it can be handed to data-loader workers.
   Two tokenizers are equal iff their model files are byte-identical.
@@ -223,6 +328,8 @@ class Tokenizer:
     content_hash: sha256 hex digest of `model_bytes`; identifies the tokenizer in manifests.
     vocab_size: number of pieces (ids are ``0 .. vocab_size - 1``).
     pad_id, bos_id, eos_id, unk_id, end_of_turn_id: the fixed special ids (0, 1, 2, 3, 7).
+    special_ids: pad, bos, eos, the role markers and end of turn (what `decode` drops).
+    chat_format: `jaxlm.chat_template.JaxlmFormat`, the role-marker layout.
   """
 
   def __init__(self, model_bytes: bytes, *, source: str = "<bytes>"):
@@ -239,6 +346,16 @@ class Tokenizer:
     self.vocab_size = processor.GetPieceSize()
     self.pad_id, self.bos_id, self.eos_id, self.unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
     self.end_of_turn_id = END_OF_TURN_ID
+    self.special_ids = CONTROL_IDS
+    self._chat_format = None
+
+  @property
+  def chat_format(self) -> "ChatFormat":
+    """jaxlm's own chat format (built on first use; chat_template imports this module)."""
+    if self._chat_format is None:
+      from jaxlm import chat_template
+      self._chat_format = chat_template.JaxlmFormat(self)
+    return self._chat_format
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "Tokenizer":
@@ -259,7 +376,14 @@ class Tokenizer:
     return cls(data)
 
   def save(self, path: str | os.PathLike) -> None:
-    """Writes the model file to `path` atomically (temporary file, then rename)."""
+    """Writes the model file atomically (temporary file, then rename).
+
+    `path` is an existing directory (a run directory: the file becomes
+    ``<path>/tokenizer.model``, as `load_tokenizer` expects) or the file's own path.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      path = os.path.join(path, SENTENCEPIECE_FILE)
     files.atomic_write(path, self.model_bytes)
 
   def role_id(self, role: str) -> int:
@@ -296,14 +420,7 @@ class Tokenizer:
     return self._sp.IdToPiece(i)
 
   def _check_ids(self, ids: Sequence[int] | np.ndarray) -> list[int]:
-    array = np.asarray(ids)
-    if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
-      raise ValueError(
-          f"expected a 1-D sequence of integer ids, got shape {array.shape} {array.dtype}")
-    if array.size and (array.min() < 0 or array.max() >= self.vocab_size):
-      bad = array[(array < 0) | (array >= self.vocab_size)][0]
-      raise ValueError(f"token id {bad} out of range [0, {self.vocab_size})")
-    return array.tolist()
+    return check_ids(ids, self.vocab_size)
 
   def __getstate__(self) -> dict:
     return {"model_bytes": self.model_bytes}
@@ -319,6 +436,11 @@ class Tokenizer:
 
   def __repr__(self) -> str:
     return f"Tokenizer(vocab_size={self.vocab_size}, content_hash={self.content_hash[:12]}...)"
+
+
+# The name says which kind it is where both kinds are discussed; `Tokenizer` stays for the
+# SentencePiece class because every stage and test already uses it.
+SentencePieceTokenizer = Tokenizer
 
 
 def _check_layout(processor: spm.SentencePieceProcessor, source: str) -> None:

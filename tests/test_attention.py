@@ -50,6 +50,26 @@ def _out_and_grads(impl, q, k, v, segment_ids, cotangent):
 SEGMENTS = jnp.array([[1] * 90 + [2] * 70 + [0] * 40, [1] * 200])
 
 
+def test_rope_frequencies_and_tables():
+  """Plain RoPE: f_i = theta^(-2i/Dh) to within an ulp of float32, 2i/Dh rounded to float32
+  first as transformers does (its values for named models: tests/test_model_options.py); the
+  tables hold sin and cos of p * f_i, positions clamped."""
+  for head_dim, theta in ((8, 1e4), (96, 1e4), (128, 5e5)):
+    inv_freq = attention.rope_frequencies(head_dim, theta)
+    exponents = np.arange(0, head_dim, 2).astype(np.float32) / np.float32(head_dim)
+    exact = theta ** -exponents.astype(np.float64)
+    assert inv_freq.dtype == np.float32
+    np.testing.assert_array_max_ulp(inv_freq, exact.astype(np.float32), maxulp=1)
+  linear = attention.rope_frequencies(8, 1e4, {"rope_type": "linear", "factor": 2.0})
+  np.testing.assert_array_equal(linear, attention.rope_frequencies(8, 1e4) / np.float32(2))
+  sin, cos = attention.rope_tables(jnp.array([[0, 3, 99]]), 8, 1e4, 10)
+  angles = np.array([0, 3, 9], np.float32)[:, None] * attention.rope_frequencies(8, 1e4)
+  np.testing.assert_allclose(sin[0], np.sin(angles), atol=1e-6)  # 99 clamped to 9
+  np.testing.assert_allclose(cos[0], np.cos(angles), atol=1e-6)
+  with pytest.raises(ValueError, match="yarn"):
+    attention.rope_frequencies(8, 1e4, {"rope_type": "yarn", "factor": 2.0})
+
+
 def test_resolve_picks_a_kernel_per_platform():
   assert attention.resolve("auto", "tpu") == "splash"
   assert attention.resolve("auto", "gpu") == attention.resolve("auto", "cuda") == "cudnn"

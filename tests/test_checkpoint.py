@@ -306,9 +306,9 @@ def test_manifest_fields_and_updates(tmp_path):
   assert on_disk == manifest
   assert list(on_disk) == [
       "manifest_version", "stage", "parent", "complete", "created", "sessions", "wall_time_s",
-      "config_hash", "tokenizer_hash", "data_source", "model_config", "git_commit", "git_dirty",
+      "config_hash", "tokenizer_hash", "data_source", "model_config", "model_origin", "git_commit", "git_dirty",
       "jaxlm_version", "jax_version", "devices", "process_count", "final_metrics", "data", "extra"]
-  assert on_disk["stage"] == "pretrain" and on_disk["parent"] is None
+  assert on_disk["stage"] == "pretrain" and on_disk["parent"] is None and on_disk["model_origin"] == "jaxlm"
   assert on_disk["config_hash"] == checkpoint.config_hash({"a": [1, 2], "b": 1})  # key order
   assert on_disk["config_hash"] != checkpoint.config_hash({"a": [1, 2], "b": 2})
   assert ModelConfig.from_dict(on_disk["model_config"]) == MODEL
@@ -443,7 +443,7 @@ def test_load_parent_errors_name_the_path_and_the_mismatch(parent_run, tmp_path)
   with pytest.raises(FileNotFoundError, match=f"parent run {workdir} has no checkpoint yet"):
     checkpoint.load_parent(workdir)
   os.rename(parent_run.tokenizer_path, parent_run.tokenizer_path + ".moved")
-  with pytest.raises(FileNotFoundError, match="tokenizer model not found: .*tokenizer.model"):
+  with pytest.raises(FileNotFoundError, match=f"no tokenizer in {workdir}: expected tokenizer.model"):
     checkpoint.load_parent(workdir)
 
 

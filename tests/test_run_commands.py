@@ -86,7 +86,7 @@ def test_a_parent_of_the_wrong_stage_is_refused(tmp_path, tiny_reward_run):
   workdir = tmp_path / "sft"
   result = run(stage_command("sft", workdir, f"--config.init_from={reward_dir}"), stage_environment(tmp_path / "c"))
   assert_one_error_line(result, f"config.init_from='{reward_dir}' is a 'reward' run, but a sft run's init_from "
-                                "must be a 'pretrain' or 'sft' run")
+                                "must be a 'pretrain', 'sft' or 'import' run")
   assert not workdir.exists()
 
 

@@ -157,7 +157,7 @@ def test_parents_must_be_complete_runs_of_an_accepted_stage(tmp_path):
   reward = fake_run(tmp_path / "rm", "reward")
   config = tiny_config("sft", f"--config.init_from={reward}")
   with pytest.raises(errors.ParentError, match=r"init_from='.*rm' is a 'reward' run, but a sft run's init_from "
-                                               r"must be a 'pretrain' or 'sft' run"):
+                                               r"must be a 'pretrain', 'sft' or 'import' run"):
     stage.check_parents(config, sft.PARENTS)
   unfinished = fake_run(tmp_path / "pt", "pretrain", complete=False)
   with pytest.raises(errors.ParentError, match="the pretrain run is incomplete"):

@@ -4,6 +4,7 @@ r"""Will it fit? Compiles a stage's programs ahead of time for a target and repo
   python tools/plan.py --config=configs/pretrain.py:1b --target=v5e-16        # pip install -e ".[tpu]"
   python tools/plan.py --config=configs/ppo.py:gpt2_124m --target=h200        # pip install -e ".[gpu-plan]"
   python tools/plan.py --config=configs/sft.py:tiny --target=cpu:8 --json --config.mesh.fsdp=2
+  python tools/plan.py --config=configs/dpo.py:1b --target=8xh100-80gb --hf_config=tools/hf_configs/llama3.1-8b.json
 
 Prints, for each program of the stage (train step; DPO's reference pass; PPO's sampler, scorer
 and update): peak memory per device against the target's memory and the verdict (fits / does
@@ -12,6 +13,9 @@ beside the model's formula, and the collectives (count and bytes by kind). A pro
 not fit gets the settings that make it fit, compiled to check (`--no-suggest` skips that).
 Nothing runs: each program is lowered with abstract inputs and compiled for the target's
 devices (`jaxlm/plan.py`). `--config.<key>=` overrides work as on the stage's command line.
+`--hf_config` plans a Hugging Face model from its config.json alone (its shape, vocabulary and
+options replace the preset's model; the preset keeps dtype, remat, attention, batch and mesh),
+as a stage started from `tools/import_hf.py`'s run would have it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ def _parse_args(argv):
                       help="memory per device to plan against (default: the target's; cpu: none)")
   parser.add_argument("--vocab_size", type=int, default=0,
                       help="the tokenizer's vocabulary (0: the config's tokenizer.vocab_size, else model.vocab_size)")
+  parser.add_argument("--hf_config", default="",
+                      help="a Hugging Face model's config.json: plan that model instead of the preset's")
   parser.add_argument("--json", action="store_true", help="print the report as JSON")
   parser.add_argument("--program", default="",
                       help="plan only the programs whose name contains this, e.g. scorer, 'reference pass'")
@@ -55,6 +61,8 @@ def main(argv=None) -> int:
 
   def run() -> int:
     config = cli.load_config(args.config, overrides)
+    if args.hf_config:
+      config = plan.adopt_hf_config(config, args.hf_config)
     vocab = args.vocab_size or plan.default_vocab_size(config)
     target = plan.get_target(args.target, memory_gib=args.memory_gib)
     gib = lambda b: f"{b / plan.GIB:.2f} GiB"

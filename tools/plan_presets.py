@@ -5,6 +5,7 @@ r"""The README's preset table: every accelerator preset's stages planned for the
   pip install -e ".[gpu-plan]"   # GPU targets (another environment is fine: rows are appended)
   python tools/plan_presets.py --targets=h100-80gb,h200,8xh100-80gb --out=plans.jsonl
   python tools/plan_presets.py --render --out=plans.jsonl        # the markdown table
+  python tools/plan_presets.py --hf_models --out=hf_plans.jsonl  # imported models (HF_MODEL_TARGETS)
 
 Each (preset, stage, target) of `PRESET_TARGETS` runs `tools/plan.py --json --no-suggest` in a
 subprocess (one compile cache, memory returned after each) and appends its report to `--out`
@@ -27,12 +28,23 @@ STAGES = ("pretrain", "sft", "reward", "dpo", "ppo")
 PRESET_TARGETS = {"gpt2_124m": ("h100-80gb", "h200", "v5e-8"), "1b": ("8xh100-80gb", "v5e-16", "v5p-8")}
 
 
-def _plan(preset: str, stage: str, target: str) -> dict:
+# Imported Hugging Face models (`tools/hf_configs/<name>.json`), planned from config.json alone
+# with the `1b` preset's training settings (bf16 compute, remat, batch, FSDP over every device),
+# for the stages that start from an imported model.
+HF_MODEL_TARGETS = {"qwen2.5-0.5b": ("h100-80gb", "v5e-8"), "qwen2.5-1.5b": ("h100-80gb", "v5e-8"),
+                    "llama3.1-8b": ("8xh100-80gb", "v5e-16", "v5p-8")}
+HF_MODEL_STAGES = ("sft", "dpo", "ppo")
+HF_MODEL_PRESET = "1b"
+
+
+def _plan(preset: str, stage: str, target: str, hf_model: str = "") -> dict:
   command = [sys.executable, os.path.join(ROOT, "tools", "plan.py"), f"--config=configs/{stage}.py:{preset}",
              f"--target={target}", "--json", "--no-suggest"]
+  if hf_model:
+    command.append(f"--hf_config={os.path.join('tools', 'hf_configs', hf_model + '.json')}")
   start = time.perf_counter()
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-  row = {"preset": preset, "stage": stage, "target": target, "seconds": round(time.perf_counter() - start, 1)}
+  row = {"preset": hf_model or preset, "stage": stage, "target": target, "seconds": round(time.perf_counter() - start, 1)}
   if result.returncode not in (0, 1) or not result.stdout.strip():
     return {**row, "error": (result.stderr.strip().splitlines() or ["no output"])[-1]}
   return {**row, **json.loads(result.stdout)}
@@ -57,6 +69,8 @@ def main(argv=None) -> int:
   parser.add_argument("--targets", default="", help="comma-separated targets to plan (default: all named)")
   parser.add_argument("--presets", default=",".join(PRESET_TARGETS))
   parser.add_argument("--stages", default=",".join(STAGES))
+  parser.add_argument("--hf_models", action="store_true",
+                      help="plan the imported Hugging Face models of HF_MODEL_TARGETS instead of the presets")
   parser.add_argument("--out", required=True, help="JSON lines file the reports are appended to")
   parser.add_argument("--render", action="store_true", help="print the table of --out and exit")
   args = parser.parse_args(argv)
@@ -66,16 +80,20 @@ def main(argv=None) -> int:
     print(_render(rows))
     return 0
   wanted = set(filter(None, args.targets.split(",")))
-  for preset in args.presets.split(","):
-    for stage in args.stages.split(","):
-      for target in PRESET_TARGETS[preset]:
-        if wanted and target not in wanted:
-          continue
-        row = _plan(preset, stage, target)
-        with open(args.out, "a") as f:
-          f.write(json.dumps(row) + "\n")
-        verdicts = [p["fits"] for p in row.get("programs", [])]
-        print(f"{preset} {stage} {target}: {row.get('error') or verdicts} ({row['seconds']} s)", flush=True)
+  if args.hf_models:
+    jobs = [(HF_MODEL_PRESET, stage, target, model) for model, targets in HF_MODEL_TARGETS.items()
+            for stage in HF_MODEL_STAGES for target in targets]
+  else:
+    jobs = [(preset, stage, target, "") for preset in args.presets.split(",") for stage in args.stages.split(",")
+            for target in PRESET_TARGETS[preset]]
+  for preset, stage, target, hf_model in jobs:
+    if wanted and target not in wanted:
+      continue
+    row = _plan(preset, stage, target, hf_model)
+    with open(args.out, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    verdicts = [p["fits"] for p in row.get("programs", [])]
+    print(f"{hf_model or preset} {stage} {target}: {row.get('error') or verdicts} ({row['seconds']} s)", flush=True)
   return 0
 
 

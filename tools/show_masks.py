@@ -1,13 +1,18 @@
 """Shows chat examples token by token with the tokens that carry loss marked.
 
-Use it to check what SFT actually trains on: every token is printed as its SentencePiece piece
-(``▁`` is a space, ``<0xE6>`` a byte, special tokens by name), separated by spaces, and the
-trainable tokens (assistant content and the ``<|end|>`` closing it, see
+Use it to check what SFT actually trains on: every token is printed as its vocabulary piece
+(SentencePiece: ``▁`` is a space, ``<0xE6>`` a byte; byte-level BPE: ``Ġ`` a space, ``Ċ`` a
+newline; special tokens by name), separated by spaces, and the trainable tokens (assistant
+content and the end of turn closing it, ``<|end|>`` for jaxlm's tokenizer, see
 `jaxlm.chat_template`) are highlighted in colour on a terminal or wrapped in ``[[ ... ]]``
 otherwise (pipes, files, ``--color never``). Each turn starts on a new line.
 
   python tools/show_masks.py --tokenizer runs/x/tokenizer.model --jsonl chats.jsonl --num 3
   python tools/show_masks.py --workdir runs/x --source world --split validation
+  python tools/show_masks.py --tokenizer path/to/hf_model_dir --jsonl chats.jsonl
+
+--tokenizer takes a ``.model`` file or any directory `jaxlm.tokenizer.load_tokenizer` reads
+(a run directory, or a Hugging Face model directory with tokenizer.json).
 
 Records that fail validation are reported on stderr (with their ``file:line``) and skipped;
 the exit status is then 1.
@@ -31,7 +36,7 @@ from jaxlm import errors  # noqa: E402
 from jaxlm.chat_template import render_chat  # noqa: E402
 from jaxlm.data.errors import DataError  # noqa: E402
 from jaxlm.data.schemas import validate  # noqa: E402
-from jaxlm.tokenizer import CONTROL_IDS, END_OF_TURN_ID, Tokenizer  # noqa: E402
+from jaxlm.tokenizer import Tokenizer, TokenizerLike, load_tokenizer  # noqa: E402
 
 _GREEN, _DIM, _RESET = "\x1b[1;32m", "\x1b[2m", "\x1b[0m"
 
@@ -57,25 +62,26 @@ def _world_records(split: str) -> Iterator[tuple[str, Any]]:
   return ((f"world[chat/{split}][{i}]", record) for i, record in enumerate(records))
 
 
-def _piece_text(tokenizer: Tokenizer, token: int) -> str:
+def _piece_text(tokenizer: TokenizerLike, token: int) -> str:
   """The piece of `token` with control characters escaped, so every token stays on one line."""
   piece = tokenizer.id_to_piece(token)
   return piece.encode("unicode_escape").decode("ascii") if not piece.isprintable() else piece
 
 
-def format_example(tokenizer: Tokenizer, ids, mask, *, color: bool, show_ids: bool) -> str:
+def format_example(tokenizer: TokenizerLike, ids, mask, *, color: bool, show_ids: bool) -> str:
   """Ids [T] and loss mask [T] -> the marked-up, token-by-token text of one example."""
+  end_of_turn, special = tokenizer.chat_format.end_of_turn_id, tokenizer.special_ids
   out, trained_before = [], False
   for token, trained in zip(ids.tolist(), mask.tolist()):
     text = _piece_text(tokenizer, token) + (f"({token})" if show_ids else "")
     if color:
-      style = _GREEN if trained else (_DIM if token in CONTROL_IDS else "")
+      style = _GREEN if trained else (_DIM if token in special else "")
       text = f"{style}{text}{_RESET}" if style else text
     elif trained != trained_before:
       out.append("[[" if trained else "]]")
     out.append(text)
     trained_before = trained
-    if token == END_OF_TURN_ID:
+    if token == end_of_turn:
       if not color and trained:
         out.append("]]")
         trained_before = False
@@ -89,8 +95,9 @@ def format_example(tokenizer: Tokenizer, ids, mask, *, color: bool, show_ids: bo
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   model = parser.add_mutually_exclusive_group(required=True)
-  model.add_argument("--tokenizer", help="path of a tokenizer .model file")
-  model.add_argument("--workdir", help="a run directory; uses RUN/tokenizer.model")
+  model.add_argument("--tokenizer", help="a tokenizer .model file, or a directory holding "
+                     "tokenizer.model or a Hugging Face tokenizer.json")
+  model.add_argument("--workdir", help="a run directory; uses its tokenizer")
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument("--jsonl", help="a JSONL file of chat records")
   source.add_argument("--source", choices=["world"], help="generate chats with jaxlm.data.world")
@@ -104,9 +111,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
   args = _parse_args(argv)
-  path = args.tokenizer or os.path.join(args.workdir, "tokenizer.model")
+  path = args.tokenizer or args.workdir
   try:
-    tokenizer = Tokenizer.load(path)
+    tokenizer = load_tokenizer(path) if os.path.isdir(path) else Tokenizer.load(path)
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

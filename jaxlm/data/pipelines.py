@@ -36,7 +36,8 @@ Batch layouts (all int32 unless noted; padding is 0 everywhere, which is also th
   segment_ids   1, 2, ... per packed example; 0 for padding (attention never crosses segments)
   positions     position of each token within its own example (restarts at 0 per segment)
 
-Pretraining packs documents `<bos> text <eos>` with concat-then-split (a long document
+Pretraining packs documents `<bos> text <eos>` (`<eos> text <eos>` for a tokenizer without bos,
+see `render_document`) with concat-then-split (a long document
 continues in the next row); the loss covers every real target. SFT renders conversations with
 the chat template, whose assistant-only mask becomes `loss_mask` (shifted with the targets), and
 either packs whole conversations first-fit (`packing=True`; a conversation is never split) or
@@ -100,6 +101,7 @@ import numpy as np
 
 from jaxlm import chat_template
 from jaxlm.data.errors import DataError
+from jaxlm.tokenizer import bos_prefix
 
 LENGTH_POLICIES = ("truncate", "drop")
 PIPELINE_KINDS = ("pretraining", "sft", "pairs", "prompts")
@@ -254,9 +256,13 @@ def render_document(tokenizer, record) -> tuple[dict[str, np.ndarray], bool]:
   """A text record -> (shifted example, False): `<bos> ids <eos>`, never truncated nor dropped.
 
   Even an empty text keeps one trained target (<eos> after <bos>); a long document is not cut,
-  it continues in the next packed row.
+  it continues in the next packed row. A tokenizer without bos (Qwen) gives `<eos> ids <eos>`:
+  such models were pretrained on documents separated by their end-of-text token, so it is what
+  a document follows, and the first text token stays a target (an empty text still trains
+  one <eos>).
   """
-  ids = np.asarray([tokenizer.bos_id] + tokenizer.encode(record["text"]) + [tokenizer.eos_id], np.int32)
+  opening = bos_prefix(tokenizer) or [tokenizer.eos_id]
+  ids = np.asarray(opening + tokenizer.encode(record["text"]) + [tokenizer.eos_id], np.int32)
   return {"inputs": ids[:-1], "targets": ids[1:]}, False
 
 
@@ -354,16 +360,22 @@ def _pad_lm_example(example: Mapping[str, np.ndarray], max_len: int) -> dict[str
 # ---------------------------------------------------------------------------------------------
 
 
-def _fit_prompt(prompt_ids: np.ndarray, budget: int, bos_id: int) -> np.ndarray | None:
-  """Keeps the last `budget` tokens of a prompt (with its <bos> in front), or None if < 2 fit."""
+def _fit_prompt(prompt_ids: np.ndarray, budget: int, bos_id: int | None) -> np.ndarray | None:
+  """Keeps the last `budget` tokens of a prompt, or None if < 2 fit.
+
+  A prompt that starts with `bos_id` keeps it in front (the model never saw a chat without
+  it); without bos (`bos_id` None, or a prompt not starting with it) only the tail is kept.
+  """
   if len(prompt_ids) <= budget:
     return prompt_ids
   if budget < 2:
     return None
+  if bos_id is None or not len(prompt_ids) or prompt_ids[0] != bos_id:
+    return np.asarray(prompt_ids[len(prompt_ids) - budget:], np.int32)
   return np.concatenate([[bos_id], prompt_ids[len(prompt_ids) - (budget - 1):]]).astype(np.int32)
 
 
-def _prompt_within(prompt: np.ndarray, budget: int, bos_id: int, length_policy: str, *,
+def _prompt_within(prompt: np.ndarray, budget: int, bos_id: int | None, length_policy: str, *,
                    unfit: str, too_long: str = REASON_LONGER_THAN_MAX_LEN) -> tuple[np.ndarray | None, bool | str]:
   """(prompt, truncated?) with the prompt cut from the left to `budget`, or (None, why not).
 
