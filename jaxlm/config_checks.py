@@ -169,6 +169,12 @@ def check_common(config: Any) -> None:
   for section in OPTIMIZER_SECTIONS:
     if has(config, section):
       check_optimizer(config, section)
+  if has(config, "optimizer.warmup_steps") and has(config, "total_steps"):
+    positive_int(config, "total_steps")
+    if config.optimizer.warmup_steps > config.total_steps:
+      raise errors.ConfigError("optimizer.warmup_steps", f"{config.optimizer.warmup_steps} exceeds "
+                               f"config.total_steps={config.total_steps}; lower it (e.g. "
+                               f"--config.optimizer.warmup_steps={config.total_steps // 10})")
   if has(config, "model"):
     check_model(config)
   if has(config, "seq_len") and has(config, "model.max_len") and config.seq_len > config.model.max_len:

@@ -258,6 +258,13 @@ def test_config_checks_accept_every_shipped_preset():
   config_checks.check_source("data.source", "tfds:hh_rlhf/harmless:train")
 
 
+def test_a_warmup_longer_than_the_run_is_a_config_error():
+  from experiments import sft
+  config = tiny_config("sft", "--config.init_from=x", "--config.total_steps=4", "--config.optimizer.warmup_steps=5")
+  with pytest.raises(errors.ConfigError, match=r"optimizer.warmup_steps.*5 exceeds config.total_steps=4"):
+    sft.check_config(config)
+
+
 # --- Held-out prompts ---------------------------------------------------------------------------
 
 
