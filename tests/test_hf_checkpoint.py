@@ -25,6 +25,7 @@ import pytest
 from safetensors import safe_open
 
 from jaxlm import checkpoint
+from jaxlm import tokenizer as tokenizer_lib
 from jaxlm import hf_checkpoint as hf
 from jaxlm import model as model_lib
 from jaxlm import sharding
@@ -160,7 +161,12 @@ def test_reward_model_exports_as_sequence_classification(runs, tmp_path):
   hf_config = export_hf.export_run(run.workdir, str(tmp_path / "out"))
   assert hf_config["architectures"] == ["Qwen2ForSequenceClassification"]
   assert hf_config["num_labels"] == 1 and hf_config[hf.SCORE_BIAS_KEY] == 0.375
-  assert hf_config["pad_token_id"] is not None
+  # HF reads the reward at the last token that is not the pad: the pad must end no turn.
+  tok = tokenizer_lib.load_tokenizer(run.workdir)
+  pad = hf_config["pad_token_id"]
+  assert pad in tok.special_ids and pad not in set(tok.chat_format.stop_ids) | {tok.eos_id}
+  exported_tokenizer = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+  assert exported_tokenizer["pad_token"] == tok.id_to_piece(pad)
   score = _tensors(tmp_path / "out")["score.weight"]
   np.testing.assert_array_equal(score, np.asarray(head["kernel"])[None, :])
   import_hf.import_checkpoint(str(tmp_path / "out"), str(tmp_path / "again"))

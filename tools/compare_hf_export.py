@@ -9,7 +9,8 @@ Loads the run's latest params with jaxlm (float32) and the exported directory wi
 `transformers.AutoModelForCausalLM.from_pretrained(..., dtype=float32)` (or
 `AutoModelForSequenceClassification` for a reward model), feeds both the same rows (a chat
 rendered by the run's own chat format, and a right-padded second row with an attention mask),
-and prints the largest absolute logit (or reward) difference over the valid positions. It exits
+and prints the largest absolute logit (or reward) difference over the valid positions (a reward
+model's rows are padded with the export's `pad_token_id`, as HF's classifier expects). It exits
 1 when that exceeds `--tolerance` (default 1e-4, the project's float32 parity bound).
 """
 
@@ -25,8 +26,9 @@ except ImportError:  # Run from a checkout without `pip install -e .`.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _rows(tok) -> tuple:
-  """Two rows of ids [2, T] and their mask: a rendered chat, and a shorter one right-padded."""
+def _rows(tok, pad_id: int) -> tuple:
+  """Two rows of ids [2, T] and their mask: a rendered chat, and a shorter one right-padded
+  with `pad_id` (HF's classifier finds the last token by it, not by the attention mask)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jaxlm import chat_template  # pylint: disable=import-outside-toplevel
 
@@ -34,7 +36,7 @@ def _rows(tok) -> tuple:
   first, _ = chat_template.render_chat(tok, chat)
   second = chat_template.render_prompt(tok, chat[:1])
   width = max(len(first), len(second))
-  ids = np.zeros((2, width), np.int32)
+  ids = np.full((2, width), pad_id, np.int32)
   mask = np.zeros((2, width), np.int32)
   for row, seq in enumerate((first, second)):
     ids[row, :len(seq)], mask[row, :len(seq)] = seq, 1
@@ -56,9 +58,10 @@ def main(argv=None) -> int:
 
   run = checkpoint.load_parent(args.workdir, require_complete=False)
   config = run.model_config.replace(dtype="float32", attention_impl=None)
-  ids, mask = _rows(run.tokenizer)
-  segment_ids = jax.numpy.asarray(mask)
   reward = "scalar_head" in run.params and run.manifest.get("stage") == "reward"
+  exported = transformers.AutoConfig.from_pretrained(args.export)
+  ids, mask = _rows(run.tokenizer, exported.pad_token_id if reward else 0)
+  segment_ids = jax.numpy.asarray(mask)
   module = model_lib.Transformer(config)
   if reward:
     last = mask.sum(axis=1) - 1

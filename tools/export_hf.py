@@ -26,7 +26,8 @@ What is written:
   with score.weight [1, E]; HF's score has no bias, so jaxlm's scalar-head bias goes into
   config.json as `jaxlm_score_bias` (a constant shift of every reward, invisible to the
   Bradley-Terry loss and accuracy; `tools/import_hf.py` reads it back). transformers reads the
-  reward at the last token that is not `pad_token_id`, which is set from the run's tokenizer.
+  reward at the last token that is not `pad_token_id`, so the export declares a pad token that
+  never ends a turn (`reward_pad_id`; also written into tokenizer_config.json as `pad_token`).
   PPO and DPO runs export their policy (a causal LM).
 - The tokenizer: a Hugging Face tokenizer (tokenizer.json, tokenizer_config.json,
   chat_template.jinja, generation_config.json, special_tokens_map.json, found in the run or
@@ -87,7 +88,33 @@ def _find(chain: list[str], name: str) -> str | None:
   return None
 
 
-def _write_tokenizer(chain: list[str], out: str, tok) -> dict:
+def reward_pad_id(tok) -> int:
+  """The pad id an exported reward model declares: one that never ends a scored row.
+
+  transformers' `*ForSequenceClassification` reads the reward at the last token that is not
+  `pad_token_id`, whatever the attention mask says. jaxlm reads it at the row's last token,
+  which is the reply's end-of-turn token (`<|eot_id|>`, `<|im_end|>`, ...). Many tokenizers pad
+  with eos or the end-of-turn token (Llama 3 has no pad; Qwen2.5 pads with `<|endoftext|>`, one
+  of its stop ids): declared as pad, HF would read the reward one token early, a known way to
+  get a wrong reward model out of HF tooling. So the tokenizer's pad is kept only when it ends
+  no turn; otherwise an unused special token takes its place, one named as a pad first
+  (`<|finetune_right_pad_id|>`, `<|fim_pad|>`), then a reserved one, then any special token that
+  ends nothing (it may occur inside a row: only the last token matters).
+  """
+  ends = set(tok.chat_format.stop_ids) | {tok.eos_id, tok.chat_format.end_of_turn_id}
+  if tok.pad_id not in ends:
+    return tok.pad_id
+  candidates = sorted(i for i in tok.special_ids if i not in ends)
+  for wanted in ("pad", "reserved", ""):
+    named = [i for i in candidates if wanted in tok.id_to_piece(i).lower()]
+    if named:
+      return named[0]
+  raise errors.ParentError("the tokenizer pads with a token that ends turns and has no other special token: an "
+                           "exported reward model would be read at the wrong token; add a pad token to the "
+                           "tokenizer before importing")
+
+
+def _write_tokenizer(chain: list[str], out: str, tok, *, reward: bool) -> dict:
   """Copies/writes the tokenizer files (module docstring); returns config.json's token ids."""
   if os.path.isfile(os.path.join(chain[0], "tokenizer.json")):
     hf.copy_tokenizer_files(chain[0], out)
@@ -95,7 +122,16 @@ def _write_tokenizer(chain: list[str], out: str, tok) -> dict:
       found = _find(chain, name)
       if found and not os.path.exists(os.path.join(out, name)):
         shutil.copyfile(found, os.path.join(out, name))
-    return {"pad_token_id": tok.pad_id}
+    if not reward:
+      return {"pad_token_id": tok.pad_id}
+    pad = reward_pad_id(tok)
+    path = os.path.join(out, "tokenizer_config.json")
+    tokenizer_config = hf.read_json(path)
+    tokenizer_config["pad_token"] = tok.id_to_piece(pad)  # what HF pipelines pad batches with
+    with open(path, "w") as f:
+      json.dump(tokenizer_config, f, indent=2, ensure_ascii=False)
+      f.write("\n")
+    return {"pad_token_id": pad}
   sp_path = os.path.join(chain[0], tokenizer_lib.SENTENCEPIECE_FILE)
   if not os.path.isfile(sp_path):
     raise errors.MissingError(f"{chain[0]} holds neither tokenizer.json nor tokenizer.model")
@@ -128,8 +164,10 @@ def export_run(workdir: str, out: str, *, dtype: str = "float32", head: str = "a
   base_path = _find(chain, "hf_config.json")
   base = hf.read_json(base_path) if base_path else None
   os.makedirs(out, exist_ok=True)
-  token_ids = _write_tokenizer(chain, out, tok)
+  token_ids = _write_tokenizer(chain, out, tok, reward=reward)
   extra = {k: v for k, v in token_ids.items() if (base or {}).get(k) is None}
+  if reward:
+    extra["pad_token_id"] = token_ids["pad_token_id"]  # even over the base's: see `reward_pad_id`
   if not reward and base is not None:
     extra.pop("pad_token_id", None)  # a causal LM keeps its own (often null) pad id
   if reward:
