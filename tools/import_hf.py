@@ -22,14 +22,16 @@ sibling and renamed into place, so a failed import leaves nothing half-written):
   tokenizer.json, tokenizer_config.json, chat_template.jinja, generation_config.json,
   special_tokens_map.json (those the model directory has)
 
-Parameters are read tensor slice by tensor slice straight into device arrays, so the host never
-holds the whole checkpoint. A user error (missing file, unsupported option, existing workdir)
+Parameters are read tensor slice by tensor slice straight into device arrays, split over this
+host's devices as FSDP training splits them, so neither the host nor one device holds the whole
+checkpoint. A user error (missing file, unsupported option, existing workdir)
 prints one `error: ...` line and exits 2; --debug shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -41,9 +43,13 @@ try:
 except ImportError:  # Run from a checkout without `pip install -e .`.
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax
+
 from jaxlm import checkpoint
 from jaxlm import errors
 from jaxlm import hf_checkpoint as hf
+from jaxlm import model as model_lib
+from jaxlm import sharding
 
 STAGE = "import"
 
@@ -69,6 +75,15 @@ def check_workdir(workdir: str) -> None:
                              "run directory; choose a new --workdir (or delete that one yourself)")
 
 
+def _fsdp_shardings(model_config, architecture: str):
+  """Every parameter split over this host's devices as training shards it (FSDP, the model's
+  logical axis rules), so the checkpoint is read slice by slice into device memory that can
+  hold it: an 8B model's 32 GB of float32 never sits on one device or on the host."""
+  mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices=jax.local_devices())
+  init = functools.partial(model_lib.init_params, model_config, scalar_head=hf.is_reward_architecture(architecture))
+  return sharding.logical_shardings(jax.eval_shape(init, jax.random.key(0)), mesh)
+
+
 def import_checkpoint(hf_dir: str, workdir: str, *, dtype: str = "float32", max_len: int | None = None) -> dict:
   """Writes the run directory (module docstring); returns its manifest."""
   start = time.perf_counter()
@@ -90,7 +105,7 @@ def import_checkpoint(hf_dir: str, workdir: str, *, dtype: str = "float32", max_
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   try:
-    params = hf.load_params(hf_dir, model_config, architecture,
+    params = hf.load_params(hf_dir, model_config, architecture, shardings=_fsdp_shardings(model_config, architecture),
                             score_bias=float(hf_config.get(hf.SCORE_BIAS_KEY, 0.0)))
     run = checkpoint.RunDir(tmp)
     config = {"stage": STAGE, "hf_dir": hf_dir, "architecture": architecture, "dtype": dtype,
