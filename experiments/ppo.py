@@ -5,9 +5,10 @@ r"""Stage 4a: RLHF with PPO: rollouts, reward model, KL penalty to the SFT model
   python -m experiments.ppo --config=configs/ppo.py:tiny --workdir=/tmp/ppo \
       --config.init_from=/tmp/sft --config.reward_from=/tmp/rm
 
-Each iteration (`jaxlm/ppo.py` has the math): draw `rollout_batch` prompts; sample one reply each
-with the KV-cache sampler at temperature 1 (exact log-probs); score policy, reference and value
-teacher-forced in one jitted call and the reply with the reward model at its last token,
+Each iteration (`jaxlm/ppo.py` has the math, `jaxlm/rollout.py` the rollout layer it shares with
+other on-policy methods): draw `rollout_batch` prompts; sample one reply each with the KV-cache
+sampler at temperature 1 (exact log-probs); score policy, reference and value teacher-forced in
+one jitted call and the reply with the reward model at its last token,
 normalised by the reward run's statistics, minus a penalty if the reply never ends its turn;
 per-token KL penalty; GAE; whitened advantages; `ppo_epochs` x `num_minibatches` clipped updates
 of policy and value model. The KL coefficient is fixed or adaptive.
@@ -45,6 +46,7 @@ from jaxlm import model as model_lib
 from jaxlm import policy_eval
 from jaxlm import ppo as ppo_lib
 from jaxlm import preemption
+from jaxlm import rollout as rollout_lib
 from jaxlm import sampling
 from jaxlm import sharding
 from jaxlm import stage
@@ -174,7 +176,8 @@ def main(argv) -> None:
     if config.value_from == "reward":
       value_params = jax.tree.map(jnp.copy, reward_params)
     else:  # The SFT backbone with the fresh (zero) scalar head of `value_init`.
-      value_params = {**place(sft.params, value.params), "scalar_head": value.params["scalar_head"]}
+      backbone = {k: v for k, v in value.params.items() if k != "scalar_head"}  # the SFT tree has no head
+      value_params = {**place(sft.params, backbone), "scalar_head": value.params["scalar_head"]}
     logging.info("policy and reference from %s; value model from %s", sft.workdir,
                  config.reward_from if config.value_from == "reward" else "the SFT backbone + a fresh head")
     return ppo_lib.combine_states(policy.replace(params=jax.tree.map(jnp.copy, reference_params)),
@@ -222,17 +225,17 @@ def main(argv) -> None:
     records = [prompt_source[int(i)] for i in prompts["record_index"]]
     times = {}
     start = time.perf_counter()
-    rollout = ppo_lib.collect_rollout(
+    rollout = rollout_lib.collect_rollout(
         state.params, prompts["prompt_tokens"], prompts["prompt_lengths"],
-        jax.random.fold_in(jax.random.key(config.seed), iteration), config=model_config, ppo=ppo,
-        max_new_tokens=config.max_new_tokens, stop_ids=tok.chat_format.stop_ids, mesh=mesh)
+        jax.random.fold_in(jax.random.key(config.seed), iteration), config=model_config,
+        temperature=ppo.temperature, max_new_tokens=config.max_new_tokens, stop_ids=tok.chat_format.stop_ids,
+        mesh=mesh)
     response_tokens, lengths = jax.device_get((rollout["response_tokens"], rollout["response_lengths"]))
     times["time_generate"] = time.perf_counter() - start
 
     start = time.perf_counter()
     scored = scorer(state.params, reference_params, state.value.params, reward_params, rollout)
-    parsed = [policy_eval.reply_from_ids(tok, response_tokens[b, : lengths[b]]) for b in range(len(lengths))]
-    texts, ended = [t for t, _ in parsed], np.asarray([e for _, e in parsed])
+    texts, ended = rollout_lib.decode_replies(tok, response_tokens, lengths)
     gold = gold_rewards(records, texts, ended)
     if reward_params is not None:
       raw = np.asarray(jax.device_get(scored["score"]), np.float64)
@@ -244,7 +247,8 @@ def main(argv) -> None:
     score = score - config.reward.no_end_penalty * (~ended)
     advantage = ppo_lib.advantages(scored=scored, score=jnp.asarray(score, jnp.float32), mask=rollout["mask"],
                                    response_lengths=rollout["response_lengths"], kl_coef=state.kl_coef, ppo=ppo)
-    diagnostics = ppo_lib.rollout_diagnostics(rollout, scored, advantage)
+    diagnostics = {**rollout_lib.rollout_diagnostics(rollout, scored),
+                   **ppo_lib.value_diagnostics(rollout, scored, advantage)}
     jax.block_until_ready(advantage)
     times["time_score"] = time.perf_counter() - start
 
@@ -254,8 +258,9 @@ def main(argv) -> None:
     times["time_train"] = time.perf_counter() - start
     metrics = {k: float(v) for k, v in {**jax.device_get(diagnostics), **update_metrics}.items()}
     metrics.update(times, reward=float(np.mean(raw)), reward_normalized=float(np.mean(score)),
-                   end_rate=float(ended.mean()), kl_coef=float(state.kl_coef),
-                   rollout_tokens_per_s=float(lengths.sum() / max(times["time_generate"], 1e-9)))
+                   kl_coef=float(state.kl_coef),
+                   **rollout_lib.reply_diagnostics(ended=ended, response_lengths=lengths,
+                                                   generate_seconds=times["time_generate"]))
     if np.isfinite(gold).any():
       metrics["gold_reward"] = float(np.nanmean(gold))
     return state, metrics
@@ -278,7 +283,7 @@ def main(argv) -> None:
       controller = controller.update(metrics["kl"], n_steps=config.rollout_batch)
       state = state.replace(kl_coef=jax.device_put(jnp.asarray(controller.coef, jnp.float32),
                                                    state.kl_coef.sharding))
-      alarm = ppo_lib.kl_alarm(metrics["kl"], min_kl=config.alarms.min_kl, max_kl=config.alarms.max_kl)
+      alarm = rollout_lib.kl_alarm(metrics["kl"], min_kl=config.alarms.min_kl, max_kl=config.alarms.max_kl)
       metrics["alarm"] = float(alarm is not None)
       keeper.check_metrics(metrics, first_step=iteration, last_step=iteration)
       writer.write(iteration, metrics)

@@ -1,19 +1,21 @@
-"""RLHF with PPO: rollouts, scoring, advantages and the clipped update, as jitted functions.
+"""RLHF with PPO: a critic, GAE advantages and the clipped update, as jitted functions.
 
-One PPO iteration (Ouyang et al. 2022; Ziegler et al. 2019), with B prompts and N new tokens:
+One PPO iteration (Ouyang et al. 2022; Ziegler et al. 2019), with B prompts and N new tokens.
+Steps 1-3 are the shared on-policy rollout layer (`jaxlm/rollout.py`, which has the row layout);
+PPO adds the value model to its scorer, and steps 4-5:
 
-  1. rollout     y ~ pi_old(. | x) with the KV-cache sampler (`jaxlm.sampling.generate`), at
+  1. rollout     y ~ pi_old(. | x), one reply per prompt (`rollout.collect_rollout`), at
                  temperature T without truncation, so the sampler's log-probs are exact.
-  2. sequences   prompt + response packed per row into seq [B, L = P + N] (`pack_sequences`):
-                 row b is x_b (len_b tokens) then y_b (n_b tokens) then padding. Response token
-                 t sits at position len_b + t and is predicted by the logits at len_b + t - 1.
-  3. scoring     teacher-forced, in one jitted call (`score_rollout`): log pi_old(y_t) and its
-                 entropy, log pi_ref(y_t), the value V(s_t) read by the value model's scalar
-                 head at position len_b + t - 1 (the state before emitting y_t) for every t.
-                 The reward model (or an oracle) scores each reply at its last real token.
+  2. sequences   prompt + response packed per row into [B, L = P + N] (`rollout.pack_sequences`):
+                 response token t sits at position len_b + t, predicted by the logits at
+                 len_b + t - 1.
+  3. scoring     teacher-forced, in one jitted call (`make_scorer`): the rollout layer's
+                 log pi_old(y_t), its entropy, log pi_ref(y_t) and the reward model's score at
+                 each reply's last token, plus PPO's own: the value V(s_t) read by the value
+                 model's scalar head at position len_b + t - 1 (the state before emitting y_t).
   4. advantages  per-token rewards r_t = -beta * kl_t (+ the score at the last token), GAE with
                  (gamma, lambda) as a reverse scan, advantages whitened over the batch
-                 (`jaxlm.losses`).
+                 (`jaxlm.rl_losses`).
   5. update      `ppo_epochs` passes over shuffled minibatches: the clipped policy surrogate
                  minus an entropy bonus on the policy, the clipped value loss on the value
                  model, each with its own AdamW, all inside one jitted call (`make_update`).
@@ -34,12 +36,11 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from jaxlm import losses
 from jaxlm import model as model_lib
 from jaxlm import rl_losses
+from jaxlm import rollout as rollout_lib
 from jaxlm import sharding as sharding_lib
 from jaxlm import training
 
@@ -147,60 +148,8 @@ def state_spec(config, model_config: model_lib.ModelConfig, mesh: jax.sharding.M
 
 
 # ------------------------------------------------------------------------------------------------
-# Sequences and scoring.
+# The critic's scoring.
 # ------------------------------------------------------------------------------------------------
-def pack_sequences(prompt_tokens: Array, prompt_lengths: Array, response_tokens: Array,
-                   response_lengths: Array) -> dict[str, Array]:
-  """Prompt + response per row, contiguous: what every model reads.
-
-  Args:
-    prompt_tokens: int [B, P] right-padded; prompt_lengths [B].
-    response_tokens: int [B, N] (0 after a row stopped); response_lengths [B].
-
-  Returns:
-    tokens, segment_ids, positions: int32 [B, P + N] (segment 1 on real tokens, 0 on padding);
-    response_index: int32 [B, N], the position of response token t (len_b + t);
-    last_index: int32 [B], the position of the last real token (len_b + n_b - 1).
-  """
-  batch, prompt_width = prompt_tokens.shape
-  new_tokens = response_tokens.shape[1]
-  width = prompt_width + new_tokens
-  index = jnp.arange(width, dtype=jnp.int32)[None, :]
-  lengths = prompt_lengths.astype(jnp.int32)[:, None]
-  in_prompt = index < lengths
-  offset = jnp.clip(index - lengths, 0, new_tokens - 1)
-  from_response = jnp.take_along_axis(response_tokens.astype(jnp.int32), offset, axis=1)
-  padded_prompt = jnp.pad(prompt_tokens.astype(jnp.int32), ((0, 0), (0, new_tokens)))
-  real = index < lengths + response_lengths.astype(jnp.int32)[:, None]
-  tokens = jnp.where(in_prompt, padded_prompt, jnp.where(real, from_response, 0))
-  return {"tokens": tokens, "segment_ids": real.astype(jnp.int32),
-          "positions": jnp.broadcast_to(index, (batch, width)),
-          "response_index": lengths + jnp.arange(new_tokens, dtype=jnp.int32)[None, :],
-          "last_index": (lengths[:, 0] + response_lengths.astype(jnp.int32) - 1)}
-
-
-def _response_logits(model, params, seqs: dict[str, Array], temperature: float) -> Array:
-  """Logits predicting each response token: float32 [B, N, V], divided by the temperature.
-
-  The LM head runs only at the N positions len_b + t - 1 that predict response token t
-  (`logits_at`), not at all P + N: the [B, P + N, V] float32 logits are never formed.
-  """
-  before = jnp.maximum(seqs["response_index"] - 1, 0)
-  out = model.apply({"params": params}, seqs["tokens"], segment_ids=seqs["segment_ids"],
-                    positions=seqs["positions"], logits_at=before)
-  return out.logits.astype(jnp.float32) / temperature
-
-
-def policy_log_probs(model, params, seqs: dict[str, Array], response_tokens: Array, mask: Array,
-                     temperature: float) -> tuple[Array, Array]:
-  """(log pi(y_t | x, y_<t), entropy of pi at t): float32 [B, N] each, 0 where mask is False."""
-  logits = _response_logits(model, params, seqs, temperature)
-  log_probs = losses.token_log_probs(logits=jnp.where(mask[..., None], logits, 0.0),
-                                     targets=response_tokens.astype(jnp.int32))
-  entropy = rl_losses.entropy_from_logits(logits=logits, mask=mask)
-  return jnp.where(mask, log_probs, 0.0), entropy
-
-
 def token_values(model, params, seqs: dict[str, Array]) -> Array:
   """V(s_t) for every response token t: the scalar head at position len_b + t - 1, [B, N]."""
   out = model.apply({"params": params}, seqs["tokens"], segment_ids=seqs["segment_ids"],
@@ -209,59 +158,25 @@ def token_values(model, params, seqs: dict[str, Array]) -> Array:
   return out.scalar.astype(jnp.float32)
 
 
-def sequence_scores(model, params, seqs: dict[str, Array]) -> Array:
-  """A reward model's score of each whole reply, read at its last real token: [B]."""
-  out = model.apply({"params": params}, seqs["tokens"], segment_ids=seqs["segment_ids"],
-                    positions=seqs["positions"], scalar_index=seqs["last_index"], lm_head=False)
-  return out.scalar.astype(jnp.float32)
-
-
 def make_scorer(config: model_lib.ModelConfig, reward_config: model_lib.ModelConfig | None,
                 ppo: PPOConfig, *, mesh: jax.sharding.Mesh | None = None,
                 rules=sharding_lib.DEFAULT_RULES) -> Callable:
   """`score(policy, reference, value, reward, rollout) -> dict` of [B, N] / [B] arrays.
 
-  `rollout` holds prompt_tokens, prompt_lengths, response_tokens, response_lengths, mask. The
-  result: `log_probs`, `entropy` (policy), `ref_log_probs`, `values`, and `score` (the reward
-  model's, when `reward_config` is given; pass `reward=None` otherwise), all teacher-forced.
-
-  With a `mesh`, the call runs as training does: the rollout is split along B over the mesh's
-  batch axes (`data`, `fsdp`), every model's parameters keep the shardings they were placed
-  with (the policy's, for all four), and the model's activation constraints apply, so each
-  device scores its own rows and only weights are gathered. Without a mesh XLA is free to
-  split the work along the embedding instead, replicating the batch on every device and
-  all-reducing activations and logits. The jitted program is `score.jitted` (for the planner).
+  The rollout layer's scorer (`rollout.score_fn`: `log_probs`, `entropy`, `ref_log_probs`, and
+  `score` when `reward_config` is given; pass `reward=None` otherwise) with the critic's
+  `values` added, all teacher-forced in one jitted program (`rollout.jit_scorer`, which also
+  says how it runs on a `mesh`). The jitted program is `score.jitted` (for the planner).
   """
   model = model_lib.Transformer(config)
-  reward_model = model_lib.Transformer(reward_config) if reward_config is not None else None
+  shared = rollout_lib.score_fn(config, reward_config, temperature=ppo.temperature)
 
   def score_rollout(policy_params, reference_params, value_params, reward_params, rollout):
-    seqs = pack_sequences(rollout["prompt_tokens"], rollout["prompt_lengths"], rollout["response_tokens"],
-                          rollout["response_lengths"])
-    mask = rollout["mask"]
-    log_probs, entropy = policy_log_probs(model, policy_params, seqs, rollout["response_tokens"], mask,
-                                          ppo.temperature)
-    ref_log_probs, _ = policy_log_probs(model, reference_params, seqs, rollout["response_tokens"], mask,
-                                        ppo.temperature)
-    out = {"log_probs": log_probs, "entropy": entropy, "ref_log_probs": ref_log_probs,
-           "values": jnp.where(mask, token_values(model, value_params, seqs), 0.0)}
-    if reward_model is not None:
-      out["score"] = sequence_scores(reward_model, reward_params, seqs)
-    return out
+    out = shared(policy_params, reference_params, reward_params, rollout)
+    values = token_values(model, value_params, rollout_lib.pack_rollout(rollout))
+    return {**out, "values": jnp.where(rollout["mask"], values, 0.0)}
 
-  if mesh is None:
-    return jax.jit(score_rollout)
-  rows = sharding_lib.batch_sharding(mesh, rules)
-  # Parameters: None = as placed (the caller puts every role on the policy's shardings).
-  jitted = jax.jit(score_rollout, in_shardings=(None, None, None, None, rows), out_shardings=rows)
-
-  def score(policy_params, reference_params, value_params, reward_params, rollout):
-    rollout = jax.device_put(dict(rollout), rows)  # Row-split (a no-op for the sampler's output).
-    with sharding_lib.use_mesh(mesh, rules):
-      return jitted(policy_params, reference_params, value_params, reward_params, rollout)
-
-  score.jitted = jitted
-  return score
+  return rollout_lib.jit_scorer(score_rollout, mesh=mesh, rules=rules)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,10 +226,9 @@ _advantages = jax.jit(_advantages_impl, static_argnames="ppo")
 # ------------------------------------------------------------------------------------------------
 def _minibatch_losses(model, policy_params, value_params, batch, ppo: PPOConfig):
   """(policy objective, value objective, metric sums) of one minibatch, token-averaged."""
-  seqs = pack_sequences(batch["prompt_tokens"], batch["prompt_lengths"], batch["response_tokens"],
-                        batch["response_lengths"])
+  seqs = rollout_lib.pack_rollout(batch)
   mask = batch["mask"]
-  log_probs, entropy = policy_log_probs(model, policy_params, seqs, batch["response_tokens"], mask,
+  log_probs, entropy = rollout_lib.policy_log_probs(model, policy_params, seqs, batch["response_tokens"], mask,
                                         ppo.temperature)
   pg_sum, count, pg_aux = rl_losses.ppo_policy_loss(log_probs=log_probs, old_log_probs=batch["log_probs"],
                                                   advantages=batch["advantages"], mask=mask,
@@ -394,79 +308,27 @@ def make_update(config: model_lib.ModelConfig, ppo: PPOConfig, policy_tx: optax.
   return step
 
 
-# ------------------------------------------------------------------------------------------------
-# Rollouts.
-# ------------------------------------------------------------------------------------------------
-def collect_rollout(params, prompt_tokens, prompt_lengths, rng: Array, *, config: model_lib.ModelConfig,
-                    ppo: PPOConfig, max_new_tokens: int, stop_ids: tuple[int, ...],
-                    mesh: jax.sharding.Mesh | None = None) -> dict[str, Array]:
-  """Samples one reply per prompt from the policy: the rollout dict `make_scorer` and the update
-  read (prompt_tokens, prompt_lengths, response_tokens, response_lengths, mask, and the sampler's
-  own `sampler_log_probs`, kept to measure the sampler/trainer gap)."""
-  from jaxlm import sampling  # Deferred: sampling imports this module's peers only.
-
-  out = sampling.generate(params, prompt_tokens, prompt_lengths, rng, config=config,
-                          sampling=sampling.SamplingConfig(temperature=ppo.temperature),
-                          max_new_tokens=max_new_tokens, stop_ids=stop_ids, mesh=mesh)
-  return {"prompt_tokens": jnp.asarray(prompt_tokens, jnp.int32),
-          "prompt_lengths": jnp.asarray(prompt_lengths, jnp.int32),
-          "response_tokens": out.tokens, "response_lengths": out.lengths, "mask": out.mask,
-          "sampler_log_probs": out.log_probs}
-
-
 def update_batch(rollout: dict[str, Array], scored: dict[str, Array], advantage: dict[str, Array]) -> dict:
   """The arrays `make_update`'s step reads, from a rollout, its scoring and its advantages."""
-  keys = ("prompt_tokens", "prompt_lengths", "response_tokens", "response_lengths", "mask")
-  return {**{k: rollout[k] for k in keys}, "log_probs": scored["log_probs"], "values": scored["values"],
-          "advantages": advantage["advantages"], "returns": advantage["returns"]}
+  return {**{k: rollout[k] for k in rollout_lib.ROLLOUT_KEYS}, "log_probs": scored["log_probs"],
+          "values": scored["values"], "advantages": advantage["advantages"], "returns": advantage["returns"]}
 
 
 # ------------------------------------------------------------------------------------------------
-# Diagnostics and alarms.
+# Diagnostics.
 # ------------------------------------------------------------------------------------------------
 @jax.jit
-def rollout_diagnostics(rollout: dict[str, Array], scored: dict[str, Array], advantage: dict[str, Array]) -> dict:
-  """Scalars that say whether an iteration is healthy (float32):
+def value_diagnostics(rollout: dict[str, Array], scored: dict[str, Array], advantage: dict[str, Array]) -> dict:
+  """The critic's health (float32), next to the rollout layer's `rollout.rollout_diagnostics`:
 
-    kl              mean over replies of sum_t (log pi_old - log pi_ref): KL(pi || ref) in nats
-    kl_k3           the same with the k3 estimator (>= 0 per token)
-    entropy         mean per-token entropy of the policy on its replies
-    sampler_gap     max |sampler log-prob - trainer log-prob| over emitted tokens: 0 up to float
-                    error when rollouts are on-policy (temperature 1, no truncation)
     explained_variance   of the returns by the rollout's values
-    length          mean reply length in tokens (stop token included)
     value_mean, return_mean   over response tokens
   """
   mask = rollout["mask"]
-  rows = jnp.maximum(mask.shape[0], 1)
-  log_ratio = jnp.where(mask, scored["log_probs"] - scored["ref_log_probs"], 0.0)
-  k3 = jnp.where(mask, rl_losses.kl_k3(log_probs=scored["log_probs"], ref_log_probs=scored["ref_log_probs"]), 0.0)
-  gap = jnp.where(mask, jnp.abs(scored["log_probs"] - rollout["sampler_log_probs"]), 0.0)
-  return {"kl": jnp.sum(log_ratio) / rows, "kl_k3": jnp.sum(k3) / rows,
-          "entropy": rl_losses.masked_mean(values=scored["entropy"], mask=mask),
-          "sampler_gap": jnp.max(gap),
-          "explained_variance": rl_losses.explained_variance(values=scored["values"], returns=advantage["returns"],
+  return {"explained_variance": rl_losses.explained_variance(values=scored["values"], returns=advantage["returns"],
                                                           mask=mask),
-          "length": jnp.mean(rollout["response_lengths"].astype(jnp.float32)),
           "value_mean": rl_losses.masked_mean(values=scored["values"], mask=mask),
           "return_mean": rl_losses.masked_mean(values=advantage["returns"], mask=mask)}
-
-
-def kl_alarm(kl: float, *, min_kl: float, max_kl: float) -> str | None:
-  """Why the mean KL per reply is not believable, or None.
-
-  The true KL(pi || ref) is >= 0; its k1 estimate from a batch can dip slightly below 0 by noise,
-  but a clearly negative mean means the log-probs being compared are not of the same
-  distribution (a sampler/trainer mismatch, a wrong reference). A huge KL means the policy ran
-  away from the reference (reward hacking, a too-large learning rate).
-  """
-  if not np.isfinite(kl):
-    return f"mean KL is {kl}"
-  if kl < min_kl:
-    return f"mean KL {kl:.3g} < {min_kl}: the policy and reference log-probs disagree in sign"
-  if kl > max_kl:
-    return f"mean KL {kl:.3g} > {max_kl}: the policy has run away from the reference"
-  return None
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -122,3 +122,16 @@ def test_chat_talks_to_the_imported_model_in_its_own_format(hf_chain, data_cache
   assert result.stdout == "".join(pieces) + "\n"  # the library's reply: ChatML prompt, ChatML stops
   prompt = chat_template.render_prompt(loaded.tokenizer, messages)
   assert loaded.tokenizer.decode(prompt[:0]) == "" and "<|im_start|>" in loaded.tokenizer.id_to_piece(int(prompt[0]))
+
+
+def test_ppo_runs_on_the_imported_lineage_with_a_fresh_value_head(hf_chain, data_cache, tmp_path):
+  """PPO from the imported model's SFT run, gold reward, value model = SFT backbone + a new head
+  (`value_from=sft` once failed: the SFT tree has no scalar head to place)."""
+  workdir = tmp_path / "ppo"
+  _run(stage_command("ppo", workdir, f"--config.init_from={hf_chain[1]}", "--config.reward_from=gold",
+                     "--config.value_from=sft", "--config.total_steps=2", "--config.eval_every=2",
+                     "--config.checkpoint_every=2", "--config.eval.num_prompts=4", "--config.eval.max_new_tokens=8"),
+       data_cache)
+  manifest = checkpoint.RunDir(workdir).read_manifest()
+  assert manifest["complete"] and manifest["model_origin"] == "hf:Qwen2ForCausalLM"
+  assert np.isfinite(manifest["final_metrics"]["gold_reward"])

@@ -1,7 +1,7 @@
-"""PPO scoring and the DPO reference pass run on the mesh: on 8 fake CPU devices (batch split
-over data x fsdp, parameters sharded as in training) they give the 1-device values, the
-compiled scorer all-reduces nothing of logits size, and its per-device temporaries fall with
-the devices.
+"""PPO scoring, the rollout layer's scorer without a critic and the DPO reference pass run on
+the mesh: on 8 fake CPU devices (batch split over data x fsdp, parameters sharded as in
+training) they give the 1-device values, the compiled scorer all-reduces nothing of logits
+size, and its per-device temporaries fall with the devices.
 
 One subprocess: XLA reads the fake-device count once per process.
 """
@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent("""
   import functools
   import jax, jax.numpy as jnp, numpy as np
-  from jaxlm import dpo, hlo_stats, model as model_lib, ppo, sharding
+  from jaxlm import dpo, hlo_stats, model as model_lib, ppo, rollout as rollout_lib, sharding
   from jaxlm.data import pipelines
 
   assert len(jax.devices()) == 8
@@ -56,6 +56,13 @@ SCRIPT = textwrap.dedent("""
   for key in ("log_probs", "entropy", "ref_log_probs", "values", "score"):
     np.testing.assert_allclose(np.asarray(sharded[key]), np.asarray(alone[key]), atol=2e-5, rtol=1e-5, err_msg=key)
   assert np.all(np.asarray(sharded["log_probs"])[~mask] == 0) and np.any(np.asarray(sharded["log_probs"]) != 0)
+  # The rollout layer's scorer, with no value model (GRPO's): PPO's numbers, rows split alike.
+  neutral = rollout_lib.make_scorer(config, config, temperature=0.7, mesh=mesh)(placed[0], placed[1], placed[3],
+                                                                                rollout)
+  assert set(neutral) == {"log_probs", "entropy", "ref_log_probs", "score"}
+  assert neutral["log_probs"].sharding.spec[0] == ("data", "fsdp"), neutral["log_probs"].sharding
+  for key in neutral:
+    np.testing.assert_allclose(np.asarray(neutral[key]), np.asarray(alone[key]), atol=2e-5, rtol=1e-5, err_msg=key)
 
   # The compiled scorer: no all-reduce as large as one device's logits [rows/8, new, vocab] f32.
   abstract_rollout = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in rollout.items()}
