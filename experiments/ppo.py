@@ -274,7 +274,7 @@ def main(argv) -> None:
   iteration = int(state.step)
   keeper = trainer.Safekeeping(ckpt=ckpt, run=run, data_iter=prompt_iter, writer=writer, session_start=session_start,
                                trees_to_check=lambda state: [state.params, state.value.params])
-  timer = IterationTimer(iteration, config.total_steps)
+  timer = trainer.IterationTimer(iteration, config.total_steps)
 
   with preemption.PreemptionGuard() as guard:
     while iteration < config.total_steps:
@@ -310,23 +310,6 @@ def main(argv) -> None:
   writer.close()
   run.update_manifest(final_metrics=final, wall_time_s=time.perf_counter() - session_start, complete=True)
   logging.info("done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in final.items()})
-
-
-class IterationTimer:
-  """Seconds per iteration and the ETA for the log line; the first iteration (compiling) is not counted."""
-
-  def __init__(self, start: int, total: int):
-    self.total, self.first = total, start + 1
-    self.since: float | None = None
-
-  def update(self, iteration: int) -> str:
-    now = time.perf_counter()
-    if iteration <= self.first or self.since is None:
-      self.since = now  # Iterations after the first (which compiled) set the pace.
-      return "ETA after the next iteration"
-    per_iteration = (now - self.since) / (iteration - self.first)
-    remaining = (self.total - iteration) * per_iteration
-    return f"{per_iteration:.1f}s/iteration | ETA {metrics_lib.format_duration(remaining)}"
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from jaxlm import sampling as sampling_lib
 from jaxlm import tokenizer as tokenizer_lib
 
 PROMPT_BUCKET = 64  # prompt widths are rounded up to a multiple of this (one compile per bucket)
-POLICY_STAGES = ("pretrain", "sft", "ppo", "dpo")
+POLICY_STAGES = ("pretrain", "sft", "ppo", "dpo", "grpo", "import")
 
 
 # --- Loading a run ---------------------------------------------------------------------------

@@ -7,9 +7,11 @@ Rows. B prompts arrive right-padded (`prompt_tokens` [B, P], `prompt_lengths` [B
 samples per prompt (`repeat_prompts`) the rollout has R = B * G rows in contiguous groups: row
 r = b * G + g is sample g of prompt b, so `x.reshape(B, G, ...)` gives the groups. Each row's
 reply comes from the KV-cache sampler (`jaxlm.sampling.generate`) at temperature T without
-truncation, so the sampler's log-probs are those of the distribution the trainer scores. Row r
-draws with its own key, `fold_in(rng, r)`: its reply depends on (rng, r, its prompt, the
-params), not on the other rows (`collect_rollout`).
+truncation, so the sampler's log-probs are those of the distribution the trainer scores. Each
+row draws with its own key, never from the other rows (`collect_rollout`, Seeds): by default
+`fold_in(rng, r)` (its position), or, given the prompts' ids (the pipeline's `record_index`),
+`fold_in(fold_in(rng, prompt_id), g)` (`prompt_row_keys`), so sample g of a prompt is the same
+whatever batch, position or padding it comes in.
 
 The rollout dict (`collect_rollout`), R rows:
 
@@ -51,6 +53,7 @@ What each method adds on top:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -223,22 +226,56 @@ def repeat_prompts(prompt_tokens, prompt_lengths, group_size: int) -> tuple[Any,
   return repeat(prompt_tokens), repeat(prompt_lengths)
 
 
+def prompt_row_keys(rng: Array, prompt_ids, group_size: int) -> Array:
+  """The row keys of G samples per prompt: [B] ids -> [B * G] typed keys, row b * G + g's key
+  `fold_in(fold_in(rng, prompt_ids[b]), g)` (what `collect_rollout(prompt_ids=...)` samples
+  with). `rng` is a typed key or raw uint32 [2] key data; ids are ints (uint32 after folding).
+  """
+  if group_size < 1:
+    raise ValueError(f"group_size must be >= 1, got {group_size}")
+  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)
+  return _prompt_row_keys(rng, jnp.asarray(prompt_ids), group_size)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _prompt_row_keys(rng, prompt_ids, group_size):
+  fold = jax.random.fold_in
+  per_prompt = jax.vmap(lambda i: jax.vmap(lambda g: fold(fold(rng, i), g))(jnp.arange(group_size)))
+  return per_prompt(prompt_ids).reshape(-1)
+
+
 def collect_rollout(params, prompt_tokens, prompt_lengths, rng: Array, *, config: model_lib.ModelConfig,
                     temperature: float, max_new_tokens: int, stop_ids: tuple[int, ...], group_size: int = 1,
-                    mesh: jax.sharding.Mesh | None = None) -> dict[str, Array]:
+                    mesh: jax.sharding.Mesh | None = None, prompt_ids=None) -> dict[str, Array]:
   """Samples `group_size` replies per prompt from the policy: the rollout dict (module docstring).
 
-  Seeds. Row r draws step t with the uniform of `fold_in(fold_in(rng, r), t)` (the sampler's
-  per-row keys, `jaxlm.sampling`), so a row's reply depends on (rng, r, its prompt, the params)
-  only: not on the other prompts of the batch, its size or its padding. Sample g of the
-  prompt in position b is row b * G + g, so it is the same whether that prompt is sampled
-  alone (b = 0) or first in a larger batch, and the G samples of a prompt have distinct keys.
-  Prompt tokens and lengths may be host arrays; with a `mesh`, R = B * G must split over its
-  batch shards.
+  Seeds. Row r = b * G + g (sample g of the prompt in position b) draws step t with the uniform
+  of `fold_in(k_r, t)`, k_r its row key (`jaxlm.sampling`, Randomness), so its reply depends
+  on (k_r, its prompt, the params) only, never on the other rows. Two choices of k_r:
+
+  * `prompt_ids=None`: by position, k_r = fold_in(rng, r), as the sampler seeds rows when
+    given one key. Sample g of the prompt in position b is the same whether that prompt is
+    sampled alone (b = 0) or first in a larger batch, but not when it moves to another
+    position (a reshuffled or differently chunked batch).
+  * `prompt_ids` [B] ints (the prompts pipeline's `record_index`): by identity,
+    k_r = fold_in(fold_in(rng, prompt_ids[b]), g) (`prompt_row_keys`), so sample g of a prompt
+    is the same in any batch, at any position, with any padding width (and on any mesh). Two
+    prompts with the same id draw the same samples (the zero-padded rows of a final partial
+    batch share id 0 with record 0: harmless, being empty they emit nothing).
+
+  Either way the G samples of a prompt have distinct keys. Prompt tokens, lengths and ids may be
+  host arrays; with a `mesh`, R = B * G must split over its batch shards (the row keys are split
+  like the rows).
   """
   from jaxlm import sampling  # Deferred: sampling imports this module's peers only.
 
   tokens, lengths = repeat_prompts(prompt_tokens, prompt_lengths, group_size)
+  if prompt_ids is not None:
+    if np.shape(prompt_ids) != (np.shape(prompt_lengths)[0],):
+      raise ValueError(f"prompt_ids must be [B] = [{np.shape(prompt_lengths)[0]}], one per prompt, got "
+                       f"shape {np.shape(prompt_ids)}")
+    rng = prompt_row_keys(rng, prompt_ids, group_size)
   out = sampling.generate(params, tokens, lengths, rng, config=config,
                           sampling=sampling.SamplingConfig(temperature=temperature),
                           max_new_tokens=max_new_tokens, stop_ids=stop_ids, mesh=mesh)

@@ -27,9 +27,17 @@ Sampling a token from logits z [V] (float32 throughout), in this order:
 Greedy decoding takes argmax z instead and reports log softmax(z)_y (the untempered,
 untruncated model log-prob; the log-prob of a point mass would be 0 and say nothing).
 
-Randomness. Row b of a call with key `rng` draws step t with the uniform of key
-`fold_in(fold_in(rng, b), t)` (`row_uniforms`), so a row's samples depend on (rng, b, its own
-logits) only, not on the batch size, the padding or the other rows.
+Randomness. Row b draws step t with the uniform (`row_uniforms`) of key `fold_in(k_b, t)`, where
+k_b is row b's key:
+
+* `rng` one key (the default): k_b = fold_in(rng, b) (`position_keys`), so a row's samples
+  depend on (rng, b, its own logits) only, not on the batch size, the padding or the other
+  rows; but they do depend on its position b.
+* `rng` a [B] array of keys, one per row: k_b = rng[b], so a row's samples depend on its own
+  key and logits only, wherever it sits. A caller that derives k_b from what the row is (its
+  prompt's id and sample index: `jaxlm.rollout.collect_rollout(prompt_ids=...)`) gets the same
+  samples whatever batch, position or padding the row is in. Passing `position_keys(rng, B)`
+  is bit-for-bit the same as passing `rng`.
 
 Decode loop (`generate`, one jitted program): a prefill writes the prompts into the cache and
 samples token 0; then `lax.while_loop`s feed token t - 1 and sample token t, for t < N, until
@@ -382,15 +390,37 @@ def _cast_matmul_weights(params, dtype):
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
+def _is_typed_key(x) -> bool:
+  return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _key_shape(rng) -> tuple[int, ...]:
+  """The shape of the keys in `rng` (typed, raw uint32 [..., 2] key data, or abstract)."""
+  if not hasattr(rng, "dtype"):
+    rng = np.asarray(rng)
+  return tuple(rng.shape) if _is_typed_key(rng) else tuple(rng.shape[:-1])
+
+
+def position_keys(rng: Array, batch: int) -> Array:
+  """[B] row keys `fold_in(rng, b)`: the keys `generate` gives its rows when `rng` is one key.
+
+  `generate(..., position_keys(rng, B))` is bit-for-bit `generate(..., rng)`.
+  """
+  if not _is_typed_key(rng):
+    rng = jax.random.wrap_key_data(rng)
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(batch))
+
+
 def _step_uniforms(rng: Array, batch: int, steps: int) -> Array:
-  """float32 [N, B]: row b's uniform at step t, from `fold_in(fold_in(rng, b), t)`.
+  """float32 [N, B]: row b's uniform at step t, from `fold_in(k_b, t)` (k_b: row b's key, see
+  Randomness in the module docstring; `rng` is one key or [B] row keys).
 
   Drawn for all steps at once, before the decode loop: one vectorised PRNG call instead of
   a few small ones per step (which cost as much as a batch-1 decode step on a CPU).
   """
-  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+  if not _is_typed_key(rng):
     rng = jax.random.wrap_key_data(rng)
-  row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, jnp.arange(batch))
+  row_keys = rng if rng.ndim else position_keys(rng, batch)
   keys = jax.vmap(lambda t: jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, t))(
       jnp.arange(steps))
   return nn.with_logical_constraint(row_uniforms(keys), (None, "batch"))
@@ -439,7 +469,8 @@ def generate(params, prompt_tokens: Array, prompt_lengths: Array, rng: Array, *,
   """Samples up to `max_new_tokens` tokens per prompt: one prefill, then `lax.while_loop`s.
 
   Compiled once per (B, P, config, sampling, max_new_tokens, stop_ids, mesh, rules,
-  decode_chunk); new prompts, lengths, params or rng of the same shapes reuse it
+  decode_chunk, one key or row keys); new prompts, lengths, params or rng of the same shapes
+  reuse it
   (`generate_padded` buckets the shapes). The decode loop stops early once every row is done.
 
   Args:
@@ -448,7 +479,11 @@ def generate(params, prompt_tokens: Array, prompt_lengths: Array, rng: Array, *,
       are the same on every process (they are placed with the mesh's batch sharding).
     prompt_lengths: int [B], the number of real tokens of each prompt (<= P). A row of length
       0 is empty: it emits nothing (batch padding).
-    rng: a PRNG key (typed `jax.random.key` or raw uint32 [2]); unused when greedy.
+    rng: a PRNG key (typed `jax.random.key` or raw uint32 [2]): row b's key is then
+      `fold_in(rng, b)`; or one key per row (typed [B] or raw uint32 [B, 2]): row b's key is
+      `rng[b]`, so its samples do not depend on its position (Randomness in the module
+      docstring). With a mesh, row keys are split over the batch axes like the rows. Unused
+      when greedy.
     config: the model config.
     sampling: the `SamplingConfig`.
     max_new_tokens: N >= 1, the most tokens per row. The cache holds P + N - 1 slots.
@@ -482,9 +517,13 @@ def _run_generate(call, params, prompt_tokens, prompt_lengths, rng, *, config, s
                 stop_ids=tuple(int(s) for s in stop_ids), mesh=mesh,
                 rules=_hashable_rules(rules) if mesh is not None else (),
                 decode_chunk=int(decode_chunk or _auto_chunk(max_new_tokens)))
+  batch = prompt_tokens.shape[0]
+  keys = _key_shape(rng)
+  if keys not in ((), (batch,)):
+    raise ValueError(f"rng must be one key or {batch} row keys (one per prompt row), got keys of "
+                     f"shape {keys}")
   if mesh is None:
     return call(params, prompt_tokens, prompt_lengths, rng, **kwargs)
-  batch = prompt_tokens.shape[0]
   if batch % _batch_shards(mesh, rules):
     raise ValueError(f"batch {batch} does not split over the mesh's {_batch_shards(mesh, rules)}"
                      " batch shards; pad it (generate_padded does)")
@@ -495,7 +534,9 @@ def _run_generate(call, params, prompt_tokens, prompt_lengths, rng, *, config, s
       if isinstance(x, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows)
       return x if isinstance(x, jax.Array) and len(x.devices()) > 1 else jax.device_put(x, rows)
-    return call(params, put(prompt_tokens), put(prompt_lengths), rng, **kwargs)
+    # Row keys are split like the rows; one key stays as it is (replicated).
+    return call(params, put(prompt_tokens), put(prompt_lengths), put(rng) if keys else rng,
+                **kwargs)
 
 
 def greedy_generate(params, prompt_tokens: Array, prompt_lengths: Array, *,
@@ -567,12 +608,15 @@ def generate_padded(params, prompts: Sequence[Sequence[int]], rng: Array, *,
 
   A prompt longer than max_len - N is an error (never silently cut). Padding rows are empty
   (length 0): they emit nothing and are dropped; rows generate N' tokens and are cut at N. None
-  of this changes what a prompt gets: a row's draws depend on (rng, its index, its step) only
-  (see Randomness in the module docstring), and the early exit makes idle padding cheap.
+  of this changes what a prompt gets: a row's draws depend on (rng, its index, its step) only,
+  or on (its own key, its step) with per-prompt keys (see Randomness in the module docstring),
+  and the early exit makes idle padding cheap.
 
   Args:
-    params, rng, config, sampling, max_new_tokens, stop_ids, mesh, rules, decode_chunk: as for
+    params, config, sampling, max_new_tokens, stop_ids, mesh, rules, decode_chunk: as for
       `generate`.
+    rng: one key (prompt i's row key is `fold_in(rng, i)`), or one key per prompt (typed
+      [len(prompts)] or raw [len(prompts), 2]; padding rows get copies of the first).
     prompts: token id lists, each non-empty.
     prompt_bucket, batch_bucket, new_tokens_bucket: bucket granularities.
 
@@ -594,6 +638,12 @@ def generate_padded(params, prompts: Sequence[Sequence[int]], rng: Array, *,
   for b, prompt in enumerate(prompts):
     tokens[b, :len(prompt)] = prompt
     lengths[b] = len(prompt)
+  keys = _key_shape(rng)
+  if keys == (len(prompts),):  # Padding rows (empty, dropped) reuse the first prompt's key.
+    rng = jnp.concatenate([rng, jnp.repeat(rng[:1], batch - len(prompts), axis=0)])
+  elif keys:
+    raise ValueError(f"rng must be one key or {len(prompts)} keys (one per prompt), got keys of "
+                     f"shape {keys}")
   out = jax.device_get(generate(
       params, tokens, lengths, rng, config=config, sampling=sampling, max_new_tokens=new_tokens,
       stop_ids=tuple(stop_ids), mesh=mesh, rules=rules, decode_chunk=decode_chunk))

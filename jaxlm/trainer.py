@@ -168,3 +168,22 @@ def log_eval(writer: metrics_lib.MetricWriter, step: int, result: Mapping[str, A
   writer.write(step, result)
   logging.info("step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in result.items()
                                               if isinstance(v, (int, float, np.floating))))
+
+
+class IterationTimer:
+  """Seconds per iteration and the ETA for an RL stage's log line (PPO, GRPO); the first
+  iteration (compiling) is not counted."""
+
+  def __init__(self, start: int, total: int):
+    self.total, self.first = total, start + 1
+    self.since: float | None = None
+
+  def update(self, iteration: int) -> str:
+    now = time.perf_counter()
+    if iteration <= self.first or self.since is None:
+      self.since = now  # Iterations after the first (which compiled) set the pace.
+      return "ETA after the next iteration"
+    per_iteration = (now - self.since) / (iteration - self.first)
+    remaining = (self.total - iteration) * per_iteration
+    return f"{per_iteration:.1f}s/iteration | ETA {metrics_lib.format_duration(remaining)}"
+

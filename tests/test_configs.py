@@ -14,7 +14,8 @@ STAGE_PRESETS = {"pretrain": ("tiny", "cpu", "nanogpt_cpu", "gpt2_124m", "1b"),
                  "sft": ("tiny", "cpu", "gpt2_124m", "1b"),
                  "reward": ("tiny", "cpu", "gpt2_124m", "1b"),
                  "dpo": ("tiny", "cpu", "gpt2_124m", "1b"),
-                 "ppo": ("tiny", "cpu", "gpt2_124m", "1b")}
+                 "ppo": ("tiny", "cpu", "gpt2_124m", "1b"),
+                 "grpo": ("tiny", "cpu", "gpt2_124m", "1b")}
 
 
 def model_config(preset: str) -> model_lib.ModelConfig:
@@ -32,6 +33,8 @@ def test_stage_config_builds(stage, preset):
   model_lib.ModelConfig(**fields)  # Validates the shape.
   if stage == "ppo":
     assert config.rollout_batch % config.ppo.num_minibatches == 0
+  elif stage == "grpo":
+    assert config.prompts_per_step * config.grpo.group_size % config.grpo.num_minibatches == 0
   else:
     assert config.batch_size % config.num_microbatches == 0
 

@@ -74,6 +74,78 @@ def test_a_prompts_samples_do_not_depend_on_the_rest_of_the_batch():
   np.testing.assert_array_equal(single["response_tokens"][0], batch["response_tokens"][0])
 
 
+def test_without_prompt_ids_row_r_is_seeded_by_its_position():
+  """The default seeding, bit for bit: row r = b * G + g draws with fold_in(rng, r)."""
+  from jaxlm import sampling
+  params, prompts, lengths = _setup(rows=2)
+  rng, group = jax.random.key(3), 3
+  batch = _collect(params, prompts, lengths, rng, group_size=group)
+  tokens, lengths_r = rollout.repeat_prompts(prompts, lengths, group)
+  keys = jnp.stack([jax.random.fold_in(rng, r) for r in range(2 * group)])
+  explicit = sampling.generate(params, tokens, lengths_r, keys, config=CONFIG, sampling=sampling.SamplingConfig(),
+                               max_new_tokens=10, stop_ids=(2,))
+  for key, field in (("response_tokens", "tokens"), ("sampler_log_probs", "log_probs"), ("mask", "mask"),
+                     ("response_lengths", "lengths")):
+    np.testing.assert_array_equal(batch[key], getattr(explicit, field), err_msg=key)
+
+
+def _pad_rows(prompts, width):
+  tokens = np.zeros((len(prompts), width), np.int32)
+  for b, p in enumerate(prompts):
+    tokens[b, :len(p)] = p
+  return tokens, np.asarray([len(p) for p in prompts], np.int32)
+
+
+def test_with_prompt_ids_a_prompts_samples_do_not_depend_on_its_batch_position_or_padding():
+  from jaxlm import sampling
+  params, _, _ = _setup()
+  rng, group = jax.random.key(3), 4
+  prompts = [[1, 5, 6, 9], [1, 11, 12], [1, 13]]
+  ids = np.asarray([40, 41, 42], np.int32)  # e.g. the pipeline's record_index
+  tokens, lengths = _pad_rows(prompts, 4)
+  batch = _collect(params, tokens, lengths, rng, group_size=group, prompt_ids=ids)
+  keys = ("response_tokens", "response_lengths", "mask", "sampler_log_probs")
+  rows = lambda out, b: {k: np.asarray(out[k])[b * group:(b + 1) * group] for k in keys}
+
+  def assert_same(got, want, what):
+    for k in keys:
+      if k == "sampler_log_probs":  # Other shapes may round differently in the last ulp.
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-6, err_msg=f"{what}: {k}")
+      else:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=f"{what}: {k}")
+
+  # Row b * G + g's key is fold_in(fold_in(rng, id_b), g), bit for bit.
+  explicit = jnp.stack([jax.random.fold_in(jax.random.fold_in(rng, int(i)), g) for i in ids for g in range(group)])
+  np.testing.assert_array_equal(jax.random.key_data(rollout.prompt_row_keys(rng, ids, group)),
+                                jax.random.key_data(explicit))
+  out = sampling.generate(params, *rollout.repeat_prompts(tokens, lengths, group), explicit, config=CONFIG,
+                          sampling=sampling.SamplingConfig(), max_new_tokens=10, stop_ids=(2,))
+  np.testing.assert_array_equal(out.tokens, batch["response_tokens"])
+  np.testing.assert_array_equal(out.log_probs, batch["sampler_log_probs"])
+  # The middle prompt alone (host or device ids), and last in a larger, wider, reordered batch.
+  alone = _collect(params, tokens[1:2], lengths[1:2], rng, group_size=group, prompt_ids=jnp.asarray(ids[1:2]))
+  assert_same(rows(alone, 0), rows(batch, 1), "alone")
+  shuffled = [prompts[2], [1, 30, 31, 32, 33], prompts[0], prompts[1]]
+  wide = _collect(params, *_pad_rows(shuffled, 7), rng, group_size=group, prompt_ids=[42, 7, 40, 41])
+  for b, was in ((0, 2), (2, 0), (3, 1)):
+    assert_same(rows(wide, b), rows(batch, was), f"position {b}")
+  # On a mesh (the rows and their keys split over the batch axes): the same samples.
+  mesh = sharding.make_mesh({"data": -1})
+  on_mesh = _collect(params, tokens, lengths, rng, group_size=group, prompt_ids=ids, mesh=mesh)
+  for b in range(3):
+    assert_same(rows(on_mesh, b), rows(batch, b), f"mesh row {b}")
+  # The G samples of a prompt are G draws; other ids draw other samples.
+  for b in range(3):
+    assert len({tuple(r) for r in rows(batch, b)["response_tokens"].tolist()}) > 1
+  other = _collect(params, tokens, lengths, rng, group_size=group, prompt_ids=ids + 1)
+  assert (np.asarray(other["response_tokens"]) != np.asarray(batch["response_tokens"])).any()
+  # Without ids the seeding is by position: other draws than by id.
+  by_position = _collect(params, tokens, lengths, rng, group_size=group)
+  assert (np.asarray(by_position["response_tokens"]) != np.asarray(batch["response_tokens"])).any()
+  with pytest.raises(ValueError, match="prompt_ids"):
+    _collect(params, tokens, lengths, rng, group_size=group, prompt_ids=ids[:2])
+
+
 def test_trainer_log_probs_equal_the_samplers_at_temperature_one():
   params, prompts, lengths = _setup()
   batch = _collect(params, prompts, lengths, jax.random.key(1))

@@ -248,7 +248,7 @@ def test_the_guard_prints_one_error_line_for_user_errors_and_keeps_tracebacks_of
 
 
 def test_config_checks_accept_every_shipped_preset():
-  for name in ("pretrain", "sft", "reward", "dpo", "ppo"):
+  for name in ("pretrain", "sft", "reward", "dpo", "ppo", "grpo"):
     module = __import__(f"experiments.{name}", fromlist=["check_config"])
     for preset in ("tiny", "cpu", "gpt2_124m", "1b"):
       extra = [] if name == "pretrain" else ["--config.init_from=x"]

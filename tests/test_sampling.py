@@ -267,6 +267,40 @@ def test_sampling_is_seeded_and_rows_do_not_depend_on_the_batch():
   np.testing.assert_array_equal(alone.tokens[0], a.tokens[0])
 
 
+def test_row_keys_make_a_rows_samples_independent_of_its_position():
+  """Per-row keys: row b draws with rng[b], wherever it sits. One key is the same as the row
+  keys fold_in(rng, b), bit for bit."""
+  params = _params(0, 2.0)
+  tokens, lengths = _pad(RAGGED_PROMPTS)
+  run = lambda t, l, key: sampling.generate(params, t, l, key, config=CONFIG,
+                                            sampling=sampling.SamplingConfig(), max_new_tokens=8,
+                                            decode_chunk=3)
+  rng = jax.random.key(7)
+  one_key = run(tokens, lengths, rng)
+  explicit = jnp.stack([jax.random.fold_in(rng, b) for b in range(3)])
+  np.testing.assert_array_equal(jax.random.key_data(sampling.position_keys(rng, 3)),
+                                jax.random.key_data(explicit))
+  for keys in (explicit, jax.random.key_data(explicit)):  # typed, or raw uint32 [B, 2]
+    by_row = run(tokens, lengths, keys)
+    np.testing.assert_array_equal(by_row.tokens, one_key.tokens)
+    np.testing.assert_array_equal(by_row.log_probs, one_key.log_probs)
+    np.testing.assert_array_equal(by_row.lengths, one_key.lengths)
+  # The rows reversed, with their keys: each row draws what it drew in position b.
+  flipped = run(tokens[::-1], lengths[::-1], explicit[::-1])
+  np.testing.assert_array_equal(flipped.tokens[::-1], one_key.tokens)
+  np.testing.assert_allclose(flipped.log_probs[::-1], one_key.log_probs, rtol=0, atol=1e-6)
+  # generate_padded: another batch bucket, prompt width and position, per-prompt keys.
+  samples = sampling.generate_padded(params, [RAGGED_PROMPTS[2], RAGGED_PROMPTS[0]], explicit[2::-2],
+                                     config=CONFIG, sampling=sampling.SamplingConfig(), max_new_tokens=8,
+                                     decode_chunk=3, prompt_bucket=16, batch_bucket=4)
+  for sample, b in zip(samples, (2, 0)):
+    np.testing.assert_array_equal(sample.tokens, one_key.tokens[b])
+    np.testing.assert_allclose(sample.log_probs, one_key.log_probs[b], rtol=0, atol=1e-6)
+  for bad in (explicit[:2], jnp.stack([explicit, explicit])):
+    with np.testing.assert_raises(ValueError):
+      run(tokens, lengths, bad)
+
+
 def test_new_prompts_of_the_same_shape_do_not_recompile():
   params = _params(2, 1.0)
   cfg = sampling.SamplingConfig(temperature=0.9, top_k=10)
@@ -401,6 +435,11 @@ EIGHT_DEVICES = textwrap.dedent("""
     np.testing.assert_array_equal(out.tokens, ref_tokens, err_msg=str(shape))
     np.testing.assert_allclose(out.log_probs, ref_log_probs, rtol=0, atol=1e-5, err_msg=str(shape))
     assert out.tokens.sharding.spec[0] is not None  # the batch stays split
+    if "tensor" not in shape:  # Row keys are split over the batch axes like the rows.
+      keyed = sampling.generate(params, tokens, lengths, sampling.position_keys(jax.random.key(3), 8),
+                                mesh=mesh, **kw)
+      np.testing.assert_array_equal(keyed.tokens, ref_tokens)
+      np.testing.assert_allclose(keyed.log_probs, ref_log_probs, rtol=0, atol=1e-5)
   assert 0 < ref_lengths.min() < 8 == ref_lengths.max(), ref_lengths  # rows stop on their own
 
   # Inside the decode loops only activations move: no all-gather there is as large as the

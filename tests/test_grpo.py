@@ -1,0 +1,172 @@
+"""Critic-free RL (jaxlm/grpo.py, experiments/grpo.py): a few iterations raise a verifiable reward
+with each advantage estimator, the pieces agree with jaxlm/group_rl_losses.py, and the stage runs
+end to end from the session's tiny SFT run, resuming bitwise after a kill."""
+
+import functools
+import json
+import signal
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxlm import checkpoint
+from jaxlm import group_rl_losses
+from jaxlm import grpo as grpo_lib
+from jaxlm import model as model_lib
+from jaxlm import rollout as rollout_lib
+from jaxlm import sharding
+from jaxlm import training
+
+from conftest import ROOT, stage_command, stage_environment
+
+CONFIG = model_lib.ModelConfig(vocab_size=32, embed_dim=32, num_layers=2, num_heads=2, num_kv_heads=2,
+                               head_dim=16, mlp_dim=64, max_len=32)
+TARGET = 7  # The verifiable reward: 1 for a reply that contains this token.
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "rloo", "dr_grpo"])
+def test_a_few_iterations_raise_a_verifiable_reward(advantage):
+  grpo = grpo_lib.GRPOConfig(group_size=4, advantage=advantage, num_minibatches=2, epochs=2, kl_coef=0.01)
+  tx = optax.adam(3e-3)
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  state, _ = training.create_train_state(functools.partial(model_lib.init_params, CONFIG), tx, jax.random.key(0), mesh)
+  reference = jax.tree.map(jnp.copy, state.params)
+  update = grpo_lib.make_update(CONFIG, grpo, tx, state_shardings=jax.tree.map(lambda x: x.sharding, state),
+                                mesh=mesh)
+  scorer = rollout_lib.make_scorer(CONFIG, None, temperature=1.0)
+  prompts = np.tile(np.asarray([[1, 5, 6, 9]], np.int32), (4, 1))
+  lengths = np.asarray([4, 3, 4, 3], np.int32)
+  rewards = []
+  for iteration in range(10):
+    rollout = rollout_lib.collect_rollout(state.params, prompts, lengths, jax.random.key(100 + iteration),
+                                          config=CONFIG, temperature=1.0, max_new_tokens=8, stop_ids=(),
+                                          group_size=grpo.group_size)
+    scored = scorer(state.params, reference, None, rollout)
+    score = jnp.any((rollout["response_tokens"] == TARGET) & rollout["mask"], axis=1).astype(jnp.float32)
+    rewards.append(float(score.mean()))
+    advantage_values = grpo_lib.advantages(grpo_lib.score_with_kl(score, scored, rollout["mask"], grpo), grpo=grpo)
+    state, metrics = update(state, grpo_lib.update_batch(rollout, scored, advantage_values))
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert int(state.step) == 10
+  assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.3, rewards
+
+
+def test_advantages_are_the_estimators_over_contiguous_groups():
+  scores = jnp.asarray([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 0.5, 1.5, 0.0, 3.0])
+  for name, fn in grpo_lib.ADVANTAGES.items():
+    grpo = grpo_lib.GRPOConfig(group_size=4, advantage=name)
+    expected = fn(scores=scores.reshape(3, 4)).reshape(-1)
+    np.testing.assert_array_equal(grpo_lib.advantages(scores, grpo=grpo), expected)
+    np.testing.assert_array_equal(grpo_lib.advantages(scores, grpo=grpo)[4:8], 0.0)  # all-equal group: no signal
+  with pytest.raises(ValueError, match="groups of 4"):
+    grpo_lib.advantages(scores[:10], grpo=grpo_lib.GRPOConfig(group_size=4))
+
+
+def test_kl_in_the_reward_subtracts_beta_times_summed_k1():
+  log_probs = jnp.asarray([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]])
+  ref = jnp.asarray([[-1.5, -1.0, -9.0], [-0.5, -3.0, 0.0]])
+  mask = jnp.asarray([[True, True, False], [True, False, False]])
+  scored = {"log_probs": log_probs, "ref_log_probs": ref}
+  scores = jnp.asarray([1.0, 2.0])
+  in_reward = grpo_lib.GRPOConfig(group_size=2, kl_in="reward", kl_coef=0.5)
+  # k1 sums over emitted tokens: row 0 (0.5 - 1.0) = -0.5, row 1 0.0.
+  np.testing.assert_allclose(grpo_lib.score_with_kl(scores, scored, mask, in_reward), [1.25, 2.0], rtol=1e-6)
+  in_loss = grpo_lib.GRPOConfig(group_size=2, kl_in="loss", kl_coef=0.5)
+  np.testing.assert_array_equal(grpo_lib.score_with_kl(scores, scored, mask, in_loss), scores)
+
+
+def test_the_minibatch_loss_is_the_clipped_objective_plus_the_k3_term():
+  params = sharding.unbox(model_lib.init_params(CONFIG, jax.random.key(0)))
+  model = model_lib.Transformer(CONFIG)
+  rollout = rollout_lib.collect_rollout(params, np.asarray([[1, 5, 6, 9]] * 2, np.int32), np.asarray([4, 3], np.int32),
+                                        jax.random.key(1), config=CONFIG, temperature=1.0, max_new_tokens=6,
+                                        stop_ids=(), group_size=2)
+  reference = jax.tree.map(lambda x: x * 1.01, params)
+  scored = rollout_lib.make_scorer(CONFIG, None, temperature=1.0)(params, reference, None, rollout)
+  advantage = jnp.asarray([1.0, -1.0, 0.5, -0.5])
+  batch = grpo_lib.update_batch(rollout, scored, advantage)
+  batch["log_probs"] = batch["log_probs"] - 0.3 * rollout["mask"]  # ratios e^0.3 > 1 + eps: some clipping
+  for norm in grpo_lib.LOSS_NORMS:
+    grpo = grpo_lib.GRPOConfig(group_size=2, loss_norm=norm, kl_coef=0.1, clip_eps_high=0.28)
+    loss, metrics = grpo_lib.minibatch_loss(model, params, batch, grpo)
+    mask = rollout["mask"]
+    log_probs, _ = rollout_lib.policy_log_probs(model, params, rollout_lib.pack_rollout(rollout),
+                                                rollout["response_tokens"], mask, 1.0)
+    token_losses, _ = group_rl_losses.clipped_policy_loss(
+        log_probs=log_probs, old_log_probs=batch["log_probs"], advantages=advantage, mask=mask, clip_eps_low=0.2,
+        clip_eps_high=0.28)
+    kl = group_rl_losses.token_kl_k3(log_probs=log_probs, ref_log_probs=scored["ref_log_probs"], mask=mask)
+    total = token_losses + 0.1 * kl
+    if norm == "token":
+      expected = total.sum() / mask.sum()
+    elif norm == "sequence":
+      expected = jnp.mean(total.sum(1) / mask.sum(1))
+    else:
+      expected = total.sum() / (mask.shape[0] * mask.shape[1])
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert 0 < float(metrics["clip_fraction"]) <= 1
+
+
+def test_config_refusals():
+  for bad in (dict(group_size=1), dict(advantage="ppo"), dict(loss_norm="mean"), dict(kl_in="both"),
+              dict(clip_eps_low=1.0), dict(num_minibatches=0)):
+    with pytest.raises(ValueError):
+      grpo_lib.GRPOConfig(**bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage end to end (subprocesses on the `:tiny` config, from the session's tiny SFT run).
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_grpo_run(tiny_sft_run, tmp_path_factory, data_cache):
+  workdir = tmp_path_factory.mktemp("grpo") / "run"
+  result = subprocess.run(stage_command("grpo", workdir, f"--config.init_from={tiny_sft_run[0]}"), cwd=ROOT,
+                          env=stage_environment(data_cache), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return workdir, result
+
+
+def test_a_tiny_grpo_run_writes_a_complete_run_directory(tiny_grpo_run, tiny_sft_run):
+  workdir, _ = tiny_grpo_run
+  manifest = json.loads((workdir / "manifest.json").read_text())
+  assert manifest["stage"] == "grpo" and manifest["complete"] and manifest["parent"] == str(tiny_sft_run[0])
+  final = manifest["final_metrics"]
+  for key in ("gold_reward", "correct", "win_rate", "kl", "length", "well_formed", "reference_gold_reward"):
+    assert key in final and np.isfinite(final[key]), key
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  iterations = [r for r in rows if "sampler_gap" in r]
+  assert [r["step"] for r in iterations] == [1, 2, 3, 4]
+  for key in ("reward", "reward_correct", "reward_well_formed", "gold_reward", "kl", "kl_k3", "entropy",
+              "clip_fraction", "zero_std_groups", "length", "end_rate", "time_generate", "time_train"):
+    assert all(np.isfinite(r[key]) for r in iterations), key
+  assert max(r["sampler_gap"] for r in iterations) < 1e-4  # On-policy: sampler == trainer.
+  assert "scalar_head" not in checkpoint.load_parent(workdir).params
+
+
+def test_killed_grpo_resumes_to_the_same_parameters(tiny_grpo_run, tiny_sft_run, tmp_path, data_cache):
+  reference, _ = tiny_grpo_run
+  workdir = tmp_path / "killed"
+  command = stage_command("grpo", workdir, f"--config.init_from={tiny_sft_run[0]}")
+  process = subprocess.Popen(command, cwd=ROOT, env=stage_environment(data_cache), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (workdir / "checkpoints" / "2").is_dir():
+    assert process.poll() is None, process.stderr.read()[-4000:]
+    assert time.time() < deadline, "no checkpoint at iteration 2"
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  result = subprocess.run(command, cwd=ROOT, env=stage_environment(data_cache), capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "resumed" in result.stderr
+  for a, b in zip(jax.tree.leaves(checkpoint.load_parent(reference).params),
+                  jax.tree.leaves(checkpoint.load_parent(workdir).params)):
+    np.testing.assert_array_equal(a, b)
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "sampler_gap" in r] == [1, 2, 3, 4]
