@@ -20,5 +20,6 @@ def test_ci_runs_the_readme_test_command_verbatim():
 
 def test_readme_has_no_unfilled_placeholders():
   readme = (ROOT / "README.md").read_text()
-  for placeholder in ("SOURCES_DETAILS", "WORLD_DETAILS", "TOKENIZER_DETAILS", "PIPELINE_BENCH"):
+  for placeholder in ("SOURCES_DETAILS", "WORLD_DETAILS", "TOKENIZER_DETAILS", "PIPELINE_BENCH", "HF_MEASURED_PLACEHOLDER",
+                      "HF_PLAN_PLACEHOLDER"):
     assert placeholder not in readme
