@@ -1,4 +1,4 @@
-r"""Every stage in one command: tokenizer + pretraining, SFT, reward model, PPO, DPO, then a report.
+r"""Every stage in one command: tokenizer + pretraining, SFT, reward model, PPO, GRPO, DPO, then a report.
 
   python -m experiments.pipeline --workdir runs/demo                    # :cpu presets, the embedded world
   python -m experiments.pipeline --workdir /tmp/demo --preset tiny      # seconds per stage: smoke runs
@@ -13,6 +13,7 @@ its output streamed line by line behind a `[stage]` prefix:
   DIR/sft       ... --config.init_from=DIR/pretrain
   DIR/reward    ... --config.init_from=DIR/sft
   DIR/ppo       ... --config.init_from=DIR/sft --config.reward_from=DIR/reward
+  DIR/grpo      ... --config.init_from=DIR/sft       (critic-free; the world's verifiable rewards)
   DIR/dpo       ... --config.init_from=DIR/sft
 
 then the stage's `--override <stage>.<key>=<value>` flags as `--config.<key>=<value>` (last, so
@@ -67,13 +68,14 @@ from jaxlm import errors
 from jaxlm import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
+STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")
 # The config keys that name a parent run, and which stage's directory each one gets.
 PARENTS = {
     "pretrain": {},
     "sft": {"init_from": "pretrain"},
     "reward": {"init_from": "sft"},          # InstructGPT: the reward model starts from SFT
     "ppo": {"init_from": "sft", "reward_from": "reward"},
+    "grpo": {"init_from": "sft"},            # its rewards are rules (correct, well-formed): no parent
     "dpo": {"init_from": "sft"},
 }
 

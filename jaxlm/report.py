@@ -12,12 +12,12 @@ What is read, per stage; a missing file, key or stage leaves its part out and ne
   every stage   manifest: stage, parent, complete, sessions, wall_time_s, final_metrics (the
                 headline table, `HEADLINES`); metrics.jsonl: `loss`, `val_loss`
   reward        metrics.jsonl: `accuracy` (training), `val_accuracy`, `val_label_ceiling`
-  ppo           per-iteration rows: `reward`, `gold_reward`, `kl`, `length`, `entropy`,
-                `policy_loss`, `value_loss`
-  ppo, dpo      policy-evaluation rows (rows with `well_formed`, keys optionally prefixed
+  ppo, grpo     per-iteration rows: `reward`, `gold_reward`, `kl`, `length`, `entropy`,
+                `policy_loss` (and PPO's `value_loss`)
+  ppo, grpo, dpo  policy-evaluation rows (rows with `well_formed`, keys optionally prefixed
                 `eval_`): `gold_reward`, `kl`, `win_rate`, `length`; final_metrics `reference_*`:
                 the SFT model sampled on the same prompts (the KL-0 point)
-  sft/ppo/dpo   samples.jsonl: {"step", "prompt": [messages], "reply", "gold_reward", ...}
+  sft/ppo/grpo/dpo  samples.jsonl: {"step", "prompt": [messages], "reply", "gold_reward", ...}
   pretrain      samples.jsonl: {"step", "prompt": "text prefix", "completion"}
 
 Figures are drawn on matplotlib's Agg canvas (`matplotlib.figure.Figure`, never pyplot), so no
@@ -40,7 +40,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-STAGE_ORDER = ("pretrain", "sft", "reward", "ppo", "dpo")
+STAGE_ORDER = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")
 
 # The headline numbers of each stage (final_metrics keys): (key, label, compared with, its label).
 # "Compared with" is another final_metrics key or a constant: the number that makes the first
@@ -65,10 +65,11 @@ POLICY_HEADLINES = [("gold_reward", "gold reward", "reference_gold_reward", "SFT
                     ("length", "reply length (tokens)", "reference_length", "SFT"),
                     ("well_formed", "well-formed replies", "reference_well_formed", "SFT"),
                     ("correct", "correct answers", "reference_correct", "SFT")]
-HEADLINES.update(ppo=POLICY_HEADLINES, dpo=POLICY_HEADLINES)
+HEADLINES.update(ppo=POLICY_HEADLINES, grpo=POLICY_HEADLINES, dpo=POLICY_HEADLINES)
 LOSS_LABELS = {"loss": "training", "val_loss": "held-out", "policy_loss": "policy (clipped surrogate)",
                "value_loss": "value"}
-PPO_PANELS = (("reward", "reward model score"), ("gold_reward", "gold reward"),
+RL_STAGES = ("ppo", "grpo")  # on-policy stages: per-iteration rollout rows
+PPO_PANELS = (("reward", "reward (PPO: the reward model's; GRPO: the weighted rewards)"), ("gold_reward", "gold reward"),
               ("kl", "KL to SFT (nats/reply)"), ("length", "reply length (tokens)"),
               ("entropy", "entropy (nats/token)"))
 
@@ -241,11 +242,11 @@ def stages_table(runs: Sequence[Run], pipeline: Mapping[str, Any] | None = None)
 
 
 def aligned(runs: Sequence[Run]) -> list[Run]:
-  return [run for run in runs if run.stage in ("ppo", "dpo")]
+  return [run for run in runs if run.stage in RL_STAGES + ("dpo",)]
 
 
 def alignment_table(runs: Sequence[Run]) -> str | None:
-  """SFT against PPO and DPO on the same held-out prompts (all sampled at the eval temperature)."""
+  """SFT against PPO, GRPO and DPO on the same held-out prompts (all sampled at the eval temperature)."""
   policies = [run for run in aligned(runs) if "gold_reward" in run.final or "win_rate" in run.final]
   if not policies:
     return None
@@ -352,7 +353,7 @@ def plot_losses(runs: Sequence[Run]) -> Figure | None:
       ax.plot(steps, values, marker="o" if held_out or steps.size < 3 else None, ms=4,
               lw=1.5 if held_out else 1.0, label=LOSS_LABELS[key])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    style_axes(ax, title=f"{run.label}: loss", xlabel="PPO iteration" if run.stage == "ppo" else "step")
+    style_axes(ax, title=f"{run.label}: loss", xlabel="iteration" if run.stage in RL_STAGES else "step")
   return fig
 
 
@@ -385,8 +386,8 @@ def plot_reward_accuracy(runs: Sequence[Run]) -> Figure | None:
 
 
 def plot_ppo(runs: Sequence[Run]) -> Figure | None:
-  """PPO's rollouts over iterations (reward, gold reward, KL, length, entropy); evals as points."""
-  ppo_runs = [run for run in runs if run.stage == "ppo"]
+  """PPO's and GRPO's rollouts over iterations (reward, gold reward, KL, length, entropy); evals as points."""
+  ppo_runs = [run for run in runs if run.stage in RL_STAGES]
   sources = [rows for run in ppo_runs for rows in (training_rows(run), policy_evals(run))]
   panels = [(key, title) for key, title in PPO_PANELS if any(series(rows, key)[0].size for rows in sources)]
   if not panels:
@@ -400,7 +401,7 @@ def plot_ppo(runs: Sequence[Run]) -> Figure | None:
       if steps.size:
         ax.plot(steps, values, color=f"C{i}", marker="o", ls="none", label=f"{run.name} held-out eval")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    style_axes(ax, title=title, xlabel="PPO iteration")
+    style_axes(ax, title=title, xlabel="iteration")
   return fig
 
 
@@ -417,7 +418,7 @@ def sft_point(runs: Sequence[Run]) -> tuple[float, str] | None:
 
 
 def plot_gold_vs_kl(runs: Sequence[Run]) -> Figure | None:
-  """Gold reward against KL to SFT: the reward/divergence trade-off of PPO and DPO."""
+  """Gold reward against KL to SFT: the reward/divergence trade-off of PPO, GRPO and DPO."""
   paths = []
   for run in aligned(runs):
     rows = [r for r in policy_evals(run)
@@ -456,7 +457,7 @@ def save_figure(fig: Figure, path: str) -> str:
 # ------------------------------------------------------------------------------------------------
 FIGURES = (("losses.png", plot_losses, "Loss curves"),
            ("reward_accuracy.png", plot_reward_accuracy, "Reward model accuracy"),
-           ("ppo.png", plot_ppo, "PPO rollouts"),
+           ("ppo.png", plot_ppo, "PPO and GRPO rollouts"),
            ("gold_vs_kl.png", plot_gold_vs_kl, "Gold reward against KL"))
 
 
@@ -472,7 +473,7 @@ def render_report(runs: Sequence[Run], figures: Mapping[str, str], *, title: str
            "## Runs", stages_table(runs, pipeline), "## Headline metrics", headline_table(runs)]
   alignment = alignment_table(runs)
   if alignment or "gold_vs_kl.png" in figures:
-    parts += ["## Alignment: SFT, PPO and DPO on the same held-out prompts",
+    parts += ["## Alignment: SFT, PPO, GRPO and DPO on the same held-out prompts",
               "Replies sampled at the evaluation temperature; the win rate is judged by the gold reward "
               "(or the evaluation judge), ties counting half; KL is the mean of log pi - log ref over "
               "the sampled replies.", alignment or "", image("gold_vs_kl.png")]

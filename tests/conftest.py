@@ -203,6 +203,12 @@ def tiny_dpo_run(tiny_pipeline):
 
 
 @pytest.fixture(scope="session")
+def tiny_grpo_run(tiny_pipeline):
+  """(workdir, output) of the pipeline's `:tiny` GRPO run from the tiny SFT run."""
+  return tiny_pipeline.stage("grpo")
+
+
+@pytest.fixture(scope="session")
 def tiny_ppo_run(tiny_pipeline):
   """(workdir, output) of the pipeline's `:tiny` PPO run from the tiny SFT and reward runs."""
   return tiny_pipeline.stage("ppo")

@@ -120,17 +120,9 @@ def test_config_refusals():
 
 
 # ------------------------------------------------------------------------------------------------
-# The stage end to end (subprocesses on the `:tiny` config, from the session's tiny SFT run).
+# The stage end to end: the session's `:tiny` pipeline runs it from its tiny SFT run
+# (`conftest.tiny_grpo_run`); a second run here is killed and resumed.
 # ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_grpo_run(tiny_sft_run, tmp_path_factory, data_cache):
-  workdir = tmp_path_factory.mktemp("grpo") / "run"
-  result = subprocess.run(stage_command("grpo", workdir, f"--config.init_from={tiny_sft_run[0]}"), cwd=ROOT,
-                          env=stage_environment(data_cache), capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-4000:]
-  return workdir, result
-
-
 def test_a_tiny_grpo_run_writes_a_complete_run_directory(tiny_grpo_run, tiny_sft_run):
   workdir, _ = tiny_grpo_run
   manifest = json.loads((workdir / "manifest.json").read_text())

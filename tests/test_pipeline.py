@@ -13,7 +13,7 @@ import pytest
 
 from experiments import pipeline  # conftest puts the checkout on sys.path
 
-PARENTS = {"sft": ("pretrain",), "reward": ("sft",), "dpo": ("sft",), "ppo": ("sft",)}
+PARENTS = {"sft": ("pretrain",), "reward": ("sft",), "dpo": ("sft",), "ppo": ("sft",), "grpo": ("sft",)}
 
 
 def read_json(path):
@@ -99,7 +99,7 @@ def test_the_pipeline_survives_a_kill_and_completes_every_stage(tiny_pipeline):
   assert f"resumed {workdir}/sft at step" in out
   assert read_json(workdir / "sft" / "manifest.json")["sessions"] == 2
 
-  stages = ["pretrain", "sft", "reward", "dpo", "ppo"]
+  stages = ["pretrain", "sft", "reward", "dpo", "ppo", "grpo"]
   record = read_json(workdir / "pipeline.json")
   assert record["status"] == "complete"
   for stage in stages:
