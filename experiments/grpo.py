@@ -212,7 +212,7 @@ def main(argv) -> None:
     metrics.update(times, **rollout_lib.reply_diagnostics(ended=ended, response_lengths=lengths,
                                                           generate_seconds=times["time_generate"]),
                    reward=float(np.mean(total)), **rewards.WeightedSum.metrics(parts))
-    gold = np.asarray([rewards.gold_reward([r], [p])[0] for r, p in zip(records, replies)], np.float64)
+    gold = np.asarray(rewards.gold_reward(records, replies), np.float64)  # NaN off the world's tasks
     if np.isfinite(gold).any():
       metrics["gold_reward"] = float(np.nanmean(gold))
       correct = rewards.correctness(records, replies)
