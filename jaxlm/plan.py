@@ -326,8 +326,58 @@ def _ppo_programs(config, model_config, mesh, rules) -> list[Program]:
                   knob=("ppo.num_minibatches", "model.remat_policy", "mesh.fsdp"))]
 
 
+def _grpo_programs(config, model_config, mesh, rules) -> list[Program]:
+  """GRPO's sampler (prompts x G rows), critic-free scorer and policy update."""
+  from jaxlm import grpo as grpo_lib  # Deferred: each stage's library only where planned.
+  from jaxlm import rollout as rollout_lib
+  from jaxlm import sampling
+
+  settings = grpo_lib.GRPOConfig(**dict(config.grpo))
+  b, p, n = config.prompts_per_step * settings.group_size, config.max_prompt_len, config.max_new_tokens
+  init_fn = functools.partial(model_lib.init_params, model_config)
+  updates = config.total_steps * settings.epochs * settings.num_minibatches
+  abstract_params = jax.eval_shape(lambda: sharding.unbox(init_fn(jax.random.key(0))))
+  tx, _ = training.make_optimizer(**config.optimizer, total_steps=updates, params=abstract_params)
+  state = training.abstract_train_state(init_fn, tx, mesh, rules)
+  uses_model = float(config.reward.weights.get("model", 0.0)) != 0.0
+  prompts = _rows(mesh, rules, {"prompt_tokens": ((b, p), jnp.int32), "prompt_lengths": ((b,), jnp.int32)})
+  rollout = {**prompts, **_rows(mesh, rules, {"response_tokens": ((b, n), jnp.int32),
+                                              "response_lengths": ((b,), jnp.int32), "mask": ((b, n), jnp.bool_)})}
+  with sharding.use_mesh(mesh, rules):
+    key = jax.eval_shape(lambda: jax.random.key(0))  # Abstract: nothing may run on a compile-only target.
+    sampler = sampling.lower_generate(
+        state.params, prompts["prompt_tokens"], prompts["prompt_lengths"], key, config=model_config,
+        sampling=sampling.SamplingConfig(temperature=settings.temperature), max_new_tokens=n, stop_ids=(1, 2),
+        mesh=mesh, rules=rules)
+  scorer = rollout_lib.make_scorer(model_config, model_config if uses_model else None,
+                                   temperature=settings.temperature, mesh=mesh, rules=rules)
+  reward_params = None
+  if uses_model:
+    head_init = functools.partial(model_lib.init_params, model_config, scalar_head=True)
+    reward_params = jax.eval_shape(lambda: sharding.unbox(head_init(jax.random.key(0))))
+    reward_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), reward_params,
+                                 sharding.logical_shardings(jax.eval_shape(head_init, jax.random.key(0)), mesh, rules))
+  with sharding.use_mesh(mesh, rules):
+    scored = scorer.jitted.lower(state.params, state.params, reward_params, rollout)
+  update = grpo_lib.make_update(model_config, settings, tx, state_shardings=jax.tree.map(lambda x: x.sharding, state),
+                                mesh=mesh, rules=rules)
+  floats = _rows(mesh, rules, {k: ((b, n), jnp.float32) for k in ("log_probs", "ref_log_probs")})
+  advantages = _rows(mesh, rules, {"advantages": ((b,), jnp.float32)})
+  with sharding.use_mesh(mesh, rules):
+    updated = update.jitted.lower(state, {**rollout, **floats, **advantages})
+  t = p + n
+  sample_flops = model_flops(model_config, rows=b, seq_len=t, head_positions=n + 1, backward=False)
+  score_flops = (2 * model_flops(model_config, rows=b, seq_len=t, head_positions=n, backward=False)
+                 + (model_flops(model_config, rows=b, seq_len=t, lm_head=False, backward=False) if uses_model else 0))
+  update_flops = settings.epochs * model_flops(model_config, rows=b, seq_len=t, head_positions=n)
+  return [Program("grpo sampler", sampler, sample_flops, knob=("prompts_per_step", "mesh.fsdp")),
+          Program("grpo scorer", scored, score_flops, knob=("prompts_per_step", "mesh.fsdp")),
+          Program("grpo update", updated, update_flops,
+                  knob=("grpo.num_minibatches", "model.remat_policy", "mesh.fsdp"))]
+
+
 STAGE_PROGRAMS = {"pretrain": _lm_programs, "sft": _lm_programs, "reward": _reward_programs, "dpo": _dpo_programs,
-                  "ppo": _ppo_programs}
+                  "ppo": _ppo_programs, "grpo": _grpo_programs}
 
 
 def adopt_hf_config(config, path: str):

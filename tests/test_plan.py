@@ -35,15 +35,16 @@ def test_unknown_targets_are_user_errors():
 
 
 def test_every_program_of_the_dpo_and_ppo_stages_is_planned():
-  """The DPO step and reference pass, PPO's sampler, scorer and update: each compiled with its
-  memory, FLOPs and the model formula's FLOPs."""
+  """The DPO step and reference pass, PPO's and GRPO's sampler, scorer and update: each compiled
+  with its memory, FLOPs and the model formula's FLOPs."""
   target = plan.get_target("cpu:1")
   names = {}
-  for stage in ("dpo", "ppo"):
+  for stage in ("dpo", "ppo", "grpo"):
     config = cli.load_config(os.path.join(ROOT, f"configs/{stage}.py:tiny"))
     for report in plan.plan_stage(config, target, vocab_size=512):
       names[report.program] = report
-  assert list(names) == ["dpo train step", "dpo reference pass", "ppo sampler", "ppo scorer", "ppo update"]
+  assert list(names) == ["dpo train step", "dpo reference pass", "ppo sampler", "ppo scorer", "ppo update",
+                         "grpo sampler", "grpo scorer", "grpo update"]
   for report in names.values():
     assert report.peak_bytes > 0 and report.executed_flops > 0 and report.model_flops > 0, report
   # A forward pass is a third of a train step over the same pairs (the formula says exactly so).
