@@ -97,7 +97,8 @@ class StepClock(transformers.TrainerCallback):
     self.cpu_ends.append(time.process_time())
 
 
-def _model(args) -> transformers.LlamaForCausalLM:
+def llama_model(args) -> transformers.LlamaForCausalLM:
+  """The random LlamaForCausalLM of jaxlm's shape in `args` (float32, seeded); tools/bench_trl_grpo.py uses it too."""
   config = transformers.LlamaConfig(
       vocab_size=args.vocab_size, hidden_size=args.embed_dim, intermediate_size=args.mlp_dim,
       num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
@@ -151,7 +152,7 @@ def main():
   transformers.logging.set_verbosity_error()
   datasets.disable_progress_bars()
 
-  model = _model(args)
+  model = llama_model(args)
   ref_model = copy.deepcopy(model).eval() if args.online_reference else None
   train = _pairs(np.random.default_rng(0), 8 * args.batch_size, args.seq_len, args.prompt_len, args.vocab_size)
   total_steps = args.warmup + args.repeats * args.steps

@@ -69,6 +69,8 @@ import torch
 import transformers
 import trl
 
+from bench_trl_dpo import llama_model  # the same random model as the DPO comparison (tools/ is on sys.path)
+
 
 class StepClock(transformers.TrainerCallback):
   """perf_counter() and the process CPU time at every step's end."""
@@ -79,19 +81,6 @@ class StepClock(transformers.TrainerCallback):
   def on_step_end(self, args, state, control, **kwargs):
     self.ends.append(time.perf_counter())
     self.cpu_ends.append(time.process_time())
-
-
-def _model(args) -> transformers.LlamaForCausalLM:
-  config = transformers.LlamaConfig(
-      vocab_size=args.vocab_size, hidden_size=args.embed_dim, intermediate_size=args.mlp_dim,
-      num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-      num_key_value_heads=args.num_kv_heads, head_dim=args.head_dim,
-      max_position_embeddings=args.max_len, rms_norm_eps=1e-6, rope_theta=10_000.0, hidden_act="silu",
-      tie_word_embeddings=True, attention_bias=False, mlp_bias=False, attention_dropout=0.0,
-      initializer_range=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=0, dtype=torch.float32)
-  config._attn_implementation = args.attn
-  torch.manual_seed(0)
-  return transformers.LlamaForCausalLM(config).float()
 
 
 def _tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
@@ -142,7 +131,7 @@ def main():
   clock = StepClock()
   with tempfile.TemporaryDirectory() as tmp:
     model_dir = os.path.join(tmp, "model")
-    model = _model(args)
+    model = llama_model(args)
     model.save_pretrained(model_dir)
     model.config._name_or_path = model_dir  # TRL builds the reference from this path: the same weights.
     config = trl.GRPOConfig(
