@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       kl_coef=0.04,               # beta of the KL to the reference (GRPO paper: 0.04)
       kl_in="loss",               # loss: beta * k3 per token | reward: beta * sum k1 subtracted from the score
       temperature=1.0,            # sampling at T=1 without truncation: exact log-probs
+      old_log_probs="sampler",    # log pi_old: sampler (no extra forward) | scorer (teacher-forced pass)
   ))
   # Weighted sum of rewards (jaxlm/rewards.py): gold (the world's gold reward), correct (the
   # verifiable answer check), well_formed (ended its turn, not empty), sentence (the gold
@@ -63,6 +64,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.reward = config_dict.ConfigDict(dict(
       weights=config_dict.ConfigDict(dict(gold=0.0, correct=1.0, well_formed=0.2, sentence=0.0, model=0.0)),
       nan="ignore",               # a term that does not apply to a prompt adds 0 (counted); raise: refuse
+      normalize=True,             # model term: (s - mean) / std with the reward run's reward_stats.json
+      clip=0.0,                   # model term: clip the normalised score to [-clip, clip]; 0: off
   ))
   c.alarms = config_dict.ConfigDict(dict(
       min_kl=-1.0,                # mean KL per reply below this: the estimate has gone wrong

@@ -4,17 +4,18 @@ r"""Stage 4a: RLHF with PPO against a reward model, with a KL penalty to the SFT
       --config.init_from=runs/sft --config.reward_from=runs/reward
   python -m experiments.ppo --config=configs/ppo.py:tiny --workdir=/tmp/ppo \
       --config.init_from=/tmp/sft --config.reward_from=/tmp/rm
-  python -m experiments.ppo --config=configs/ppo.py:cpu --workdir=runs/ppo_gold \
-      --config.init_from=runs/sft --config.reward_from=gold      # the world's gold reward as an oracle
+  python -m experiments.ppo --config=configs/ppo.py:cpu --workdir=runs/ppo_gold --config.init_from=runs/sft \
+      --config.reward.weights.model=0 --config.reward.weights.gold=1 --config.value_from=sft  # oracle
 
 Roles: the policy starts from `init_from` (SFT) and the frozen reference is the same SFT model;
-the reward is a reward-model run directory (`reward_from`), its scores normalised with the
-statistics it saved, or the world's gold reward (`gold`, an oracle for ablations); the value
+the reward is the weighted sum `reward.weights` (`jaxlm/rewards.py`): by default the reward-model
+run `reward_from`, its scores normalised with the statistics it saved; the world's gold reward
+or its verifiable correctness replace or join it as oracles for ablations; the value
 model is the reward model (`value_from=reward`, InstructGPT's choice) or the SFT backbone with a
 fresh scalar head (`value_from=sft`).
 
 Ablations: kl.coef, kl.adaptive (+ kl.target, kl.horizon), ppo.kl_estimator (k1 | k3),
-ppo.entropy_coef, ppo.whiten_advantages, reward.no_end_penalty, value_from.
+ppo.entropy_coef, ppo.whiten_advantages, reward.no_end_penalty, reward.weights.*, value_from.
 """
 
 from ml_collections import config_dict
@@ -31,7 +32,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
   c.preset = preset
   c.seed = 0
   c.init_from = ""                # the SFT run directory: the policy's start and the reference
-  c.reward_from = ""              # a reward-model run directory, or "gold" (world oracle)
+  c.reward_from = ""              # the reward-model run directory of the `model` reward term
   c.value_from = "reward"         # reward: start the value model from the reward model | sft
   c.tokenizer_path = ""           # "": the parent's; a tokenizer.model given here must be the parent's
 
@@ -65,7 +66,11 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       target=6.0,                 # nats per reply
       horizon=10_000,             # samples over which beta may move by at most 20%
   ))
+  # Weighted sum of rewards (jaxlm/rewards.py): model (the reward-model run `reward_from`),
+  # gold (the world's gold reward, an oracle for ablations), correct (the verifiable answer
+  # check), well_formed (ended its turn, not empty), sentence (the gold reward's form test).
   c.reward = config_dict.ConfigDict(dict(
+      weights=config_dict.ConfigDict(dict(model=1.0, gold=0.0, correct=0.0, well_formed=0.0, sentence=0.0)),
       normalize=True,             # (r - mean) / std with the reward run's reward_stats.json
       no_end_penalty=1.0,         # subtracted from the score of a reply that never ends its turn
       # Normalised scores are clipped to [-clip, clip] (OpenRLHF's reward_clip_range): a reward

@@ -50,17 +50,10 @@ from jaxlm.data import pipelines
 PARENTS = {"init_from": ("sft", "dpo", "import"), "reward_from": ("reward",), "eval.judge": ("reward",)}
 
 
-def _scored_on_device(run_dir):
-  """The `model` term's stand-in: its values come from the fused scorer (`precomputed`)."""
-  def never(*_):
-    raise AssertionError("the reward model is scored with the rollout, on the devices")
-  return rewards.per_item(rewards.MODEL, never)
-
-
-def reward_sum(config) -> rewards.WeightedSum:
+def reward_of(config) -> rewards.RolloutReward:
   """The configured weighted reward (errors name `reward.weights` / `reward_from`)."""
-  return rewards.from_config(config.reward.weights, key="reward.weights", nan=config.reward.nan,
-                             model_run=config.reward_from, model_key="reward_from", make_model=_scored_on_device)
+  return rewards.rollout_reward(config.reward.weights, nan=config.reward.nan, model_run=config.reward_from,
+                                normalize=config.reward.normalize, clip=config.reward.clip)
 
 
 def check_config(config) -> grpo_lib.GRPOConfig:
@@ -84,10 +77,10 @@ def check_config(config) -> grpo_lib.GRPOConfig:
     raise errors.ConfigError("max_new_tokens", f"max_prompt_len + max_new_tokens = "
                              f"{config.max_prompt_len + config.max_new_tokens} exceeds config.model.max_len="
                              f"{config.model.max_len}")
-  terms = reward_sum(config).weights
-  if set(terms) & {"gold", "correct", "sentence"} and config.data.source != "world":
-    raise errors.ConfigError("reward.weights", f"{sorted(set(terms) & {'gold', 'correct', 'sentence'})} judge the "
-                             f"embedded world's tasks, but config.data.source={config.data.source!r}")
+  world_terms = reward_of(config).world_terms()
+  if world_terms and config.data.source != "world":
+    raise errors.ConfigError("reward.weights", f"{world_terms} judge the embedded world's tasks, but "
+                             f"config.data.source={config.data.source!r}")
   return grpo
 
 
@@ -99,8 +92,8 @@ def main(argv) -> None:
   stage.adopt_parent_model(config)  # an imported parent's shape, not the preset's
   stage.quiet_library_logs()
   session_start = time.perf_counter()
-  reward_fn = reward_sum(config)
-  uses_model = rewards.MODEL in reward_fn.weights
+  reward_fn = reward_of(config)
+  uses_model = reward_fn.uses_model
 
   # ----------------------------------------------------------------------------------------------
   # Mesh, run directory, the parent's tokenizer and shape.
@@ -126,14 +119,14 @@ def main(argv) -> None:
   parent = checkpoint.load_parent(config.init_from, expect_tokenizer_hash=tok.content_hash,
                                   expect_model_config=model_config)
   reference_params = place(parent.params, abstract_state.params)  # Forward-only, sharded like the policy.
-  reward_params, reward_mean, reward_std = None, 0.0, 1.0
+  reward_params = None
   if uses_model:
     reward_run = checkpoint.load_parent(config.reward_from, expect_tokenizer_hash=tok.content_hash,
                                         expect_model_config=model_config)
     head_init = functools.partial(model_lib.init_params, model_config, scalar_head=True)
     head_shardings = sharding.logical_shardings(jax.eval_shape(head_init, jax.random.key(0)), mesh, rules)
     reward_params = jax.tree.map(jax.device_put, reward_run.params, head_shardings)
-    reward_mean, reward_std = rewards.read_reward_stats(config.reward_from)
+    reward_fn.load_stats()
 
   def init() -> training.TrainState:
     state, _ = training.create_train_state(init_fn, tx, jax.random.key(config.seed), mesh, rules)
@@ -162,8 +155,7 @@ def main(argv) -> None:
   if "reference_well_formed" not in run.read_manifest().get("final_metrics", {}):
     run.update_manifest(final_metrics={f"reference_{k}": v for k, v in evaluator.reference_metrics().items()})
 
-  scorer = rollout_lib.make_scorer(model_config, model_config if uses_model else None,
-                                   temperature=grpo.temperature, mesh=mesh, rules=rules)
+  scorer = grpo_lib.make_scorer(model_config, model_config if uses_model else None, grpo, mesh=mesh, rules=rules)
   update = grpo_lib.make_update(model_config, grpo, tx, state_shardings=state_shardings, mesh=mesh, rules=rules)
   writer = metrics_lib.MetricWriter(run.workdir)
   writer.resume(int(state.step))
@@ -193,10 +185,7 @@ def main(argv) -> None:
     scored = scorer(state.params, reference_params, reward_params, rollout)
     texts, ended = rollout_lib.decode_replies(tok, response_tokens, lengths)
     replies = [rewards.Reply(t, bool(e)) for t, e in zip(texts, ended)]
-    precomputed = {}
-    if uses_model:
-      precomputed[rewards.MODEL] = (np.asarray(jax.device_get(scored["score"]), np.float64) - reward_mean) / reward_std
-    total, parts = reward_fn.evaluate(records, replies, precomputed=precomputed)
+    total, parts = reward_fn.evaluate(records, replies, jax.device_get(scored["score"]) if uses_model else None)
     score = grpo_lib.score_with_kl(total, scored, rollout["mask"], grpo)
     advantage = grpo_lib.advantages(score, grpo=grpo)
     diagnostics = {**rollout_lib.rollout_diagnostics(rollout, scored),
@@ -211,12 +200,8 @@ def main(argv) -> None:
     metrics = {k: float(v) for k, v in {**jax.device_get(diagnostics), **update_metrics}.items()}
     metrics.update(times, **rollout_lib.reply_diagnostics(ended=ended, response_lengths=lengths,
                                                           generate_seconds=times["time_generate"]),
-                   reward=float(np.mean(total)), **rewards.WeightedSum.metrics(parts))
-    gold = np.asarray(rewards.gold_reward(records, replies), np.float64)  # NaN off the world's tasks
-    if np.isfinite(gold).any():
-      metrics["gold_reward"] = float(np.nanmean(gold))
-      correct = rewards.correctness(records, replies)
-      metrics["correct"] = float(np.nanmean(correct)) if np.isfinite(correct).any() else float("nan")
+                   reward=float(np.mean(total)), **rewards.WeightedSum.metrics(parts),
+                   **rewards.world_metrics(records, replies))  # NaN off the world's tasks: absent
     return state, metrics
 
   # ----------------------------------------------------------------------------------------------

@@ -4,17 +4,20 @@ r"""Stage 4a: RLHF with PPO: rollouts, reward model, KL penalty to the SFT model
       --config.init_from=runs/sft --config.reward_from=runs/reward
   python -m experiments.ppo --config=configs/ppo.py:tiny --workdir=/tmp/ppo \
       --config.init_from=/tmp/sft --config.reward_from=/tmp/rm
+  python -m experiments.ppo --config=configs/ppo.py:cpu --workdir=runs/ppo_gold --config.init_from=runs/sft \
+      --config.reward.weights.model=0 --config.reward.weights.gold=1 --config.value_from=sft
 
 Each iteration (`jaxlm/ppo.py` has the math, `jaxlm/rollout.py` the rollout layer it shares with
 other on-policy methods): draw `rollout_batch` prompts; sample one reply each with the KV-cache
 sampler at temperature 1 (exact log-probs); score policy, reference and value teacher-forced in
-one jitted call and the reply with the reward model at its last token,
-normalised by the reward run's statistics, minus a penalty if the reply never ends its turn;
-per-token KL penalty; GAE; whitened advantages; `ppo_epochs` x `num_minibatches` clipped updates
+one jitted call and the reply with the reward model at its last token; the reward is the
+weighted sum of `reward.weights` (`jaxlm/rewards.py`: the reward model's score normalised by the
+reward run's statistics by default; the world's gold reward or verifiable rules as oracles for
+ablations), minus a penalty if the reply never ends its turn; per-token KL penalty; GAE; whitened advantages; `ppo_epochs` x `num_minibatches` clipped updates
 of policy and value model. The KL coefficient is fixed or adaptive.
 
-Diagnostics every iteration (metrics.jsonl): reward (model, raw and normalised) and, on the
-world, gold reward; KL per reply; entropy; clip fraction; approximate KL; value explained
+Diagnostics every iteration (metrics.jsonl): reward (the weighted sum, each term, the reward
+model's raw score) and, on the world, gold reward and correctness; KL per reply; entropy; clip fraction; approximate KL; value explained
 variance; reply length; end-of-turn rate; the largest gap between the sampler's and the
 trainer's log-probs; the KL coefficient; and the time split into generation, scoring and
 training with rollout tokens/s. Alarms stop (or flag) the run when the mean KL goes negative or
@@ -27,9 +30,7 @@ and the prompt iterator: rerunning the command resumes exactly; SIGTERM saves an
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 import time
 
 import jax
@@ -46,6 +47,7 @@ from jaxlm import model as model_lib
 from jaxlm import policy_eval
 from jaxlm import ppo as ppo_lib
 from jaxlm import preemption
+from jaxlm import rewards
 from jaxlm import rollout as rollout_lib
 from jaxlm import sampling
 from jaxlm import sharding
@@ -53,13 +55,17 @@ from jaxlm import stage
 from jaxlm import trainer
 from jaxlm import training
 from jaxlm.data import pipelines
-from jaxlm.data import world_reward
 
 cli.define_flags()
 # The stages each parent key accepts (read from the parent's manifest before anything runs).
 PARENTS = {"init_from": ("sft", "dpo", "import"), "reward_from": ("reward",), "eval.judge": ("reward",)}
 
-STATS_FILE = "reward_stats.json"  # written by experiments/reward.py
+
+
+def reward_of(config) -> rewards.RolloutReward:
+  """The configured weighted reward (errors name `reward.weights` / `reward_from`)."""
+  return rewards.rollout_reward(config.reward.weights, nan="raise", model_run=config.reward_from,
+                                normalize=config.reward.normalize, clip=config.reward.clip)
 
 
 def check_config(config) -> None:
@@ -67,15 +73,19 @@ def check_config(config) -> None:
   config_checks.check_common(config)
   if not config.init_from:
     raise errors.ConfigError("init_from", "required: the SFT run directory (--config.init_from=runs/sft)")
-  if not config.reward_from:
-    raise errors.ConfigError("reward_from", "required: a reward-model run directory, or 'gold' for the "
-                             "world's gold reward as an oracle")
+  if config.reward_from == "gold":  # The spelling before rewards were configured by weight.
+    raise errors.ConfigError("reward_from", "'gold' is not a run directory: the world's gold reward is a "
+                             "reward term (--config.reward.weights.model=0 --config.reward.weights.gold=1 "
+                             "--config.value_from=sft)")
+  config_checks.number_in(config, "reward.clip", 0.0, float("inf"), high_open=True)
+  reward = reward_of(config)
   config_checks.one_of(config, "value_from", ("reward", "sft"))
-  if config.value_from == "reward" and config.reward_from == "gold":
-    raise errors.ConfigError("value_from", "'reward' needs a reward model; with reward_from=gold use value_from=sft")
-  if config.reward_from == "gold" and config.data.source != "world":
-    raise errors.ConfigError("reward_from", f"'gold' is the embedded world's reward, but config.data.source="
-                             f"{config.data.source!r}; name a reward-model run directory")
+  if config.value_from == "reward" and not reward.uses_model:
+    raise errors.ConfigError("value_from", "'reward' starts the value model from the reward model, but "
+                             "reward.weights.model is 0; use value_from=sft")
+  if reward.world_terms() and config.data.source != "world":
+    raise errors.ConfigError("reward.weights", f"{reward.world_terms()} judge the embedded world's tasks, but "
+                             f"config.data.source={config.data.source!r}; use a reward model (weights.model)")
   for key in ("ppo.ppo_epochs", "ppo.num_minibatches"):
     config_checks.positive_int(config, key)
   if config.rollout_batch % config.ppo.num_minibatches:
@@ -90,26 +100,10 @@ def check_config(config) -> None:
   config_checks.number_in(config, "ppo.clip_eps", 0.0, 1.0, low_open=True)
   config_checks.number_in(config, "ppo.temperature", 0.0, float("inf"), low_open=True, high_open=True)
   config_checks.number_in(config, "kl.coef", 0.0, float("inf"), high_open=True)
-  config_checks.number_in(config, "reward.clip", 0.0, float("inf"), high_open=True)
   try:
     ppo_lib.PPOConfig(**dict(config.ppo))
   except (TypeError, ValueError) as e:
     raise errors.ConfigError("ppo", str(e)) from None
-
-
-def reward_statistics(config) -> tuple[float, float]:
-  """(mean, std) to normalise reward-model scores with: the reward run's reward_stats.json."""
-  if config.reward_from == "gold" or not config.reward.normalize:
-    return 0.0, 1.0
-  path = os.path.join(config.reward_from, STATS_FILE)
-  if not os.path.exists(path):
-    raise errors.MissingError(f"{path} not found: the reward run did not finish (it writes its statistics "
-                            "last), or set --config.reward.normalize=false")
-  stats = json.loads(open(path).read())
-  if int(stats.get("num_samples", 0)) < 32:
-    logging.warning("%s: reward statistics from only %s samples (std %.4g); normalised rewards may be noisy "
-                    "(raise the reward stage's config.stats.num_prompts)", path, stats.get("num_samples"), stats["std"])
-  return float(stats["mean"]), max(float(stats["std"]), 1e-6)
 
 
 def kl_controller(config, coef: float):
@@ -118,12 +112,6 @@ def kl_controller(config, coef: float):
     return kl_control.AdaptiveKLController(init_coef=config.kl.coef, target=config.kl.target,
                                            horizon=config.kl.horizon, coef=coef)
   return kl_control.FixedKLController(coef=coef)
-
-
-def gold_rewards(records, texts, ended) -> np.ndarray:
-  """The world's gold reward of each reply (NaN where the prompt has no world task)."""
-  return np.asarray([world_reward.gold_reward(r, t, ended_turn=bool(e)) if policy_eval.has_gold_reward(r)
-                     else np.nan for r, t, e in zip(records, texts, ended)], np.float64)
 
 
 def main(argv) -> None:
@@ -135,6 +123,7 @@ def main(argv) -> None:
   stage.quiet_library_logs()
   session_start = time.perf_counter()
   ppo = ppo_lib.PPOConfig(**dict(config.ppo))
+  reward_fn = reward_of(config)
 
   # ----------------------------------------------------------------------------------------------
   # Mesh, run directory, the parent's tokenizer and shape.
@@ -161,14 +150,14 @@ def main(argv) -> None:
                                expect_model_config=model_config)
   reference_params = place(sft.params, abstract_state.params)  # Forward-only, sharded like the policy.
   reward_params = None
-  if config.reward_from != "gold":
+  if reward_fn.uses_model:
     reward_run = checkpoint.load_parent(config.reward_from, expect_tokenizer_hash=tok.content_hash,
                                         expect_model_config=model_config)
     if reward_run.manifest.get("stage") != "reward":
       raise errors.ParentError(f"config.reward_from={config.reward_from!r} is a {reward_run.manifest.get('stage')!r} "
                        "run, not a reward model")
     reward_params = place(reward_run.params, abstract_state.value.params)  # Sharded like the value model.
-  reward_mean, reward_std = reward_statistics(config)
+  reward_fn.load_stats()
 
   def init() -> ppo_lib.PPOState:
     policy, _ = training.create_train_state(policy_init, policy_tx, jax.random.key(config.seed), mesh, rules)
@@ -197,6 +186,7 @@ def main(argv) -> None:
   run.write_manifest(stage=config.stage, parent=config.init_from, config=config, tokenizer_hash=tok.content_hash,
                      data_source=prompt_source.description, model_config=model_config,
                      extra={"num_params": model_lib.num_params(model_config), "reward_from": config.reward_from,
+                            "rewards": reward_fn.weights,
                             "value_from": config.value_from, "role_memory_bytes": ppo_lib.role_memory(model_config)})
   evaluator = policy_eval.PolicyEvaluator(
       reference_params, model_config, tok, stage.eval_prompts(config), max_new_tokens=config.eval.max_new_tokens,
@@ -236,15 +226,10 @@ def main(argv) -> None:
     start = time.perf_counter()
     scored = scorer(state.params, reference_params, state.value.params, reward_params, rollout)
     texts, ended = rollout_lib.decode_replies(tok, response_tokens, lengths)
-    gold = gold_rewards(records, texts, ended)
-    if reward_params is not None:
-      raw = np.asarray(jax.device_get(scored["score"]), np.float64)
-      score = (raw - reward_mean) / reward_std
-      if config.reward.clip:
-        score = np.clip(score, -config.reward.clip, config.reward.clip)
-    else:
-      raw = score = np.nan_to_num(gold)
-    score = score - config.reward.no_end_penalty * (~ended)
+    replies = [rewards.Reply(t, bool(e)) for t, e in zip(texts, ended)]
+    model_scores = jax.device_get(scored["score"]) if reward_fn.uses_model else None
+    total, parts = reward_fn.evaluate(records, replies, model_scores)
+    score = total.astype(np.float64) - config.reward.no_end_penalty * (~ended)
     advantage = ppo_lib.advantages(scored=scored, score=jnp.asarray(score, jnp.float32), mask=rollout["mask"],
                                    response_lengths=rollout["response_lengths"], kl_coef=state.kl_coef, ppo=ppo)
     diagnostics = {**rollout_lib.rollout_diagnostics(rollout, scored),
@@ -257,12 +242,13 @@ def main(argv) -> None:
     update_metrics = jax.device_get(update_metrics)
     times["time_train"] = time.perf_counter() - start
     metrics = {k: float(v) for k, v in {**jax.device_get(diagnostics), **update_metrics}.items()}
-    metrics.update(times, reward=float(np.mean(raw)), reward_normalized=float(np.mean(score)),
-                   kl_coef=float(state.kl_coef),
+    metrics.update(times, reward=float(np.mean(total)), reward_with_penalty=float(np.mean(score)),
+                   kl_coef=float(state.kl_coef), **rewards.WeightedSum.metrics(parts),
                    **rollout_lib.reply_diagnostics(ended=ended, response_lengths=lengths,
-                                                   generate_seconds=times["time_generate"]))
-    if np.isfinite(gold).any():
-      metrics["gold_reward"] = float(np.nanmean(gold))
+                                                   generate_seconds=times["time_generate"]),
+                   **rewards.world_metrics(records, replies))  # NaN off the world's tasks: absent
+    if model_scores is not None:
+      metrics["reward_model_raw"] = float(np.mean(model_scores))
     return state, metrics
 
   # ----------------------------------------------------------------------------------------------

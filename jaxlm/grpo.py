@@ -45,6 +45,7 @@ ADVANTAGES = {"grpo": glosses.grpo_advantages, "rloo": glosses.rloo_advantages,
               "dr_grpo": glosses.dr_grpo_advantages}
 LOSS_NORMS = ("token", "sequence", "constant")
 KL_PLACES = ("loss", "reward")
+OLD_LOG_PROBS = ("sampler", "scorer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,13 @@ class GRPOConfig:
     kl_in: "loss" (beta * k3 per token, added to the loss before normalising: GRPO paper) or
       "reward" (beta * sum of k1 subtracted from each reply's score before the advantages).
     temperature: sampling and scoring temperature (1 without truncation: exact log-probs).
+    old_log_probs: where log pi_old of the ratio comes from. "sampler": the log-probs the
+      sampler drew the reply with, which *are* the rollout policy's (exact at any temperature
+      without truncation; they agree with teacher forcing to ~1e-6, `sampler_gap`), so the
+      scorer skips the policy's forward pass (TRL also skips it when it does one step per
+      generation); the update measures the sampler/trainer gap on its first minibatch, before
+      any step. "scorer": a teacher-forced forward pass in the scorer (the PPO way), with the
+      policy's entropy and the gap over every reply measured there.
   """
 
   group_size: int = 4
@@ -77,6 +85,7 @@ class GRPOConfig:
   kl_coef: float = 0.04
   kl_in: str = "loss"
   temperature: float = 1.0
+  old_log_probs: str = "sampler"
 
   def __post_init__(self):
     if not isinstance(self.group_size, int) or self.group_size < 2:
@@ -85,6 +94,8 @@ class GRPOConfig:
       raise ValueError(f"advantage must be one of {sorted(ADVANTAGES)}, got {self.advantage!r}")
     if self.loss_norm not in LOSS_NORMS:
       raise ValueError(f"loss_norm must be one of {LOSS_NORMS}, got {self.loss_norm!r}")
+    if self.old_log_probs not in OLD_LOG_PROBS:
+      raise ValueError(f"old_log_probs must be one of {OLD_LOG_PROBS}, got {self.old_log_probs!r}")
     if self.kl_in not in KL_PLACES:
       raise ValueError(f"kl_in must be one of {KL_PLACES}, got {self.kl_in!r}")
     if not 0.0 < self.clip_eps_low < 1.0 or not self.clip_eps_high > 0.0:
@@ -95,6 +106,24 @@ class GRPOConfig:
         raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
     if self.kl_coef < 0 or self.temperature <= 0:
       raise ValueError(f"need kl_coef >= 0 and temperature > 0, got {self.kl_coef!r}, {self.temperature!r}")
+
+
+def make_scorer(config: model_lib.ModelConfig, reward_config: model_lib.ModelConfig | None, grpo: GRPOConfig, *,
+                mesh: jax.sharding.Mesh | None = None, rules=sharding_lib.DEFAULT_RULES) -> Callable:
+  """`score(policy, reference, reward, rollout) -> dict`: `log_probs` (the old policy's, from
+  `grpo.old_log_probs`), `ref_log_probs`, `score` (with a reward model) and, when the policy is
+  scored, `entropy`. One jitted program (`rollout.jit_scorer`)."""
+  if grpo.old_log_probs == "scorer":
+    return rollout_lib.make_scorer(config, reward_config, temperature=grpo.temperature, mesh=mesh, rules=rules)
+  body = rollout_lib.score_fn(config, reward_config, temperature=grpo.temperature, score_policy=False)
+
+  def score_rollout(policy_params, reference_params, reward_params, rollout):
+    del policy_params  # The sampler's log-probs are the rollout policy's.
+    out = body(None, reference_params, reward_params, rollout)
+    out["log_probs"] = jnp.where(rollout["mask"], rollout["sampler_log_probs"], 0.0)
+    return out
+
+  return rollout_lib.jit_scorer(score_rollout, mesh=mesh, rules=rules)
 
 
 @jax.jit
@@ -156,7 +185,9 @@ def minibatch_loss(model, params, batch: dict[str, Array], grpo: GRPOConfig) -> 
   tokens = jnp.maximum(aux.pop("tokens"), 1.0)
   entropy_sum, _ = glosses.token_level_sums(token_losses=entropy, mask=mask)
   metrics.update({k: v / tokens for k, v in aux.items()}, entropy=entropy_sum / tokens,
-                 policy_loss=policy_sum / jnp.maximum(policy_count, 1.0), loss=loss)
+                 policy_loss=policy_sum / jnp.maximum(policy_count, 1.0), loss=loss,
+                 log_ratio_max=rollout_lib.sampler_gap(log_probs=log_probs, sampler_log_probs=batch["log_probs"],
+                                                       mask=mask))
   return loss, metrics
 
 
@@ -168,7 +199,9 @@ def make_update(config: model_lib.ModelConfig, grpo: GRPOConfig, tx: optax.Gradi
   `batch` [R, ...]: the rollout (`rollout.ROLLOUT_KEYS`), the scorer's `log_probs` (the old
   policy's) and `ref_log_probs`, and `advantages` [R]. Each epoch shuffles the rows with the
   state's rng and takes `num_minibatches` equal slices; every slice is one AdamW step. Metrics
-  are means over all minibatches; `state.step` counts iterations (one call), like PPO's.
+  are means over all minibatches; `state.step` counts iterations (one call), like PPO's. With
+  `old_log_probs="sampler"` they also hold `sampler_gap`: max |log pi - log pi_old| on the first
+  minibatch, whose params are still the sampler's.
   """
   model = model_lib.Transformer(config)
 
@@ -191,7 +224,11 @@ def make_update(config: model_lib.ModelConfig, grpo: GRPOConfig, tx: optax.Gradi
 
     state, metrics = jax.lax.scan(one_epoch, state, jax.random.split(epoch_rng, grpo.epochs))
     state = state.replace(step=state.step + 1, rng=jax.random.key_data(rng))
-    return state, jax.tree.map(jnp.mean, metrics)
+    first_step_gap = metrics.pop("log_ratio_max")[0, 0]  # [epochs, minibatches]: before any step
+    metrics = jax.tree.map(jnp.mean, metrics)
+    if grpo.old_log_probs == "sampler":
+      metrics["sampler_gap"] = first_step_gap
+    return state, metrics
 
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   jitted = jax.jit(update, in_shardings=(state_shardings, training.batch_sharding(mesh, rules)),

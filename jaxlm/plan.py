@@ -329,7 +329,6 @@ def _ppo_programs(config, model_config, mesh, rules) -> list[Program]:
 def _grpo_programs(config, model_config, mesh, rules) -> list[Program]:
   """GRPO's sampler (prompts x G rows), critic-free scorer and policy update."""
   from jaxlm import grpo as grpo_lib  # Deferred: each stage's library only where planned.
-  from jaxlm import rollout as rollout_lib
   from jaxlm import sampling
 
   settings = grpo_lib.GRPOConfig(**dict(config.grpo))
@@ -349,8 +348,8 @@ def _grpo_programs(config, model_config, mesh, rules) -> list[Program]:
         state.params, prompts["prompt_tokens"], prompts["prompt_lengths"], key, config=model_config,
         sampling=sampling.SamplingConfig(temperature=settings.temperature), max_new_tokens=n, stop_ids=(1, 2),
         mesh=mesh, rules=rules)
-  scorer = rollout_lib.make_scorer(model_config, model_config if uses_model else None,
-                                   temperature=settings.temperature, mesh=mesh, rules=rules)
+  scorer = grpo_lib.make_scorer(model_config, model_config if uses_model else None, settings, mesh=mesh,
+                                rules=rules)
   reward_params = None
   if uses_model:
     head_init = functools.partial(model_lib.init_params, model_config, scalar_head=True)
@@ -358,7 +357,8 @@ def _grpo_programs(config, model_config, mesh, rules) -> list[Program]:
     reward_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), reward_params,
                                  sharding.logical_shardings(jax.eval_shape(head_init, jax.random.key(0)), mesh, rules))
   with sharding.use_mesh(mesh, rules):
-    scored = scorer.jitted.lower(state.params, state.params, reward_params, rollout)
+    sampled = _rows(mesh, rules, {"sampler_log_probs": ((b, n), jnp.float32)})  # the sampler's, as a rollout has
+    scored = scorer.jitted.lower(state.params, state.params, reward_params, {**rollout, **sampled})
   update = grpo_lib.make_update(model_config, settings, tx, state_shardings=jax.tree.map(lambda x: x.sharding, state),
                                 mesh=mesh, rules=rules)
   floats = _rows(mesh, rules, {k: ((b, n), jnp.float32) for k in ("log_probs", "ref_log_probs")})
@@ -367,7 +367,8 @@ def _grpo_programs(config, model_config, mesh, rules) -> list[Program]:
     updated = update.jitted.lower(state, {**rollout, **floats, **advantages})
   t = p + n
   sample_flops = model_flops(model_config, rows=b, seq_len=t, head_positions=n + 1, backward=False)
-  score_flops = (2 * model_flops(model_config, rows=b, seq_len=t, head_positions=n, backward=False)
+  lm_passes = 2 if settings.old_log_probs == "scorer" else 1  # reference (+ policy unless the sampler's)
+  score_flops = (lm_passes * model_flops(model_config, rows=b, seq_len=t, head_positions=n, backward=False)
                  + (model_flops(model_config, rows=b, seq_len=t, lm_head=False, backward=False) if uses_model else 0))
   update_flops = settings.epochs * model_flops(model_config, rows=b, seq_len=t, head_positions=n)
   return [Program("grpo sampler", sampler, sample_flops, knob=("prompts_per_step", "mesh.fsdp")),

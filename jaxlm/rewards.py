@@ -585,3 +585,98 @@ class _Renamed:
     if attr == "reward":  # Not set yet (copying, unpickling): no recursion.
       raise AttributeError(attr)
     return getattr(self.reward, attr)
+
+
+# ------------------------------------------------------------------------------------------------
+# The reward an on-policy trainer (PPO, GRPO) configures.
+# ------------------------------------------------------------------------------------------------
+WORLD_TERMS = ("gold", "correct", "sentence")  # Terms that judge the embedded world's tasks.
+
+
+@dataclasses.dataclass
+class RolloutReward:
+  """A trainer's configured reward: a `WeightedSum` whose ``model`` term is read from the fused
+  scorer's token-id scores (see the module docstring), normalised and clipped here.
+
+  Built by `rollout_reward` from a config without touching the disk (so a config check can
+  build it); `load_stats` reads the reward run's statistics once the run is known to exist.
+  """
+
+  weighted: WeightedSum
+  model_run: str = ""
+  normalize: bool = True
+  clip: float = 0.0
+  stats: tuple[float, float] | None = None
+
+  @property
+  def uses_model(self) -> bool:
+    """Whether a reward model must be loaded and scored with the rollout."""
+    return MODEL in self.weighted.weights
+
+  @property
+  def weights(self) -> dict[str, float]:
+    return self.weighted.weights
+
+  def world_terms(self) -> list[str]:
+    """The terms that need the embedded world's prompts."""
+    return sorted(set(self.weights) & set(WORLD_TERMS))
+
+  def load_stats(self) -> None:
+    """Reads ``reward_stats.json`` of the reward run (when a model term is normalised)."""
+    if self.uses_model and self.normalize:
+      self.stats = read_reward_stats(self.model_run)
+
+  def model_values(self, raw_scores) -> np.ndarray:
+    """The scorer's raw reward-model scores [B] -> the ``model`` term: clip((s - mean) / std)."""
+    scores = np.asarray(raw_scores, np.float64)
+    if self.normalize:
+      if self.stats is None:
+        raise RuntimeError("RolloutReward.load_stats() was not called")
+      scores = (scores - self.stats[0]) / self.stats[1]
+    if self.clip:
+      scores = np.clip(scores, -self.clip, self.clip)
+    return scores
+
+  def evaluate(self, prompt_records, replies, model_scores=None
+               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(total float32 [B], components) with the ``model`` term from `model_scores` (raw, [B])."""
+    precomputed = {}
+    if self.uses_model:
+      if model_scores is None:
+        raise ValueError("the reward has a model term: pass the scorer's scores")
+      precomputed[MODEL] = self.model_values(model_scores)
+    return self.weighted.evaluate(prompt_records, replies, precomputed=precomputed)
+
+
+def rollout_reward(weights: Any, *, nan: str = "raise", model_run: str = "", normalize: bool = True,
+                   clip: float = 0.0, key: str = "reward.weights",
+                   model_key: str = "reward_from") -> RolloutReward:
+  """The `RolloutReward` of a trainer's config (``config.reward.weights``, ``config.reward_from``).
+
+  Only the ``model`` key names the reward model (the fused scorer holds one): a run directory
+  given as a term name is a `ConfigError`, as is a nonzero ``model`` without `model_run`.
+  """
+  if clip < 0:
+    raise errors.ConfigError("reward.clip", f"must be >= 0, got {clip}")
+
+  def scored_by_the_trainer(run_dir: str) -> Reward:
+    def never(*_):
+      raise AssertionError("the model term's values come from the trainer's scorer")
+    return per_item(MODEL, never)
+
+  weighted = from_config(weights, key=key, nan=nan, model_run=model_run, model_key=model_key,
+                         make_model=scored_by_the_trainer)
+  named_runs = sorted(set(weighted.weights) - set(KNOWN))
+  if named_runs:
+    raise errors.ConfigError(key, f"reward model named as a term ({named_runs}): a trainer scores one "
+                             f"reward model, the `{MODEL}` term with {model_key}=<run directory>")
+  return RolloutReward(weighted, model_run=str(model_run), normalize=bool(normalize), clip=float(clip))
+
+
+def world_metrics(prompt_records, replies) -> dict[str, float]:
+  """``gold_reward`` and ``correct`` means over the replies to world tasks (empty if none)."""
+  gold = np.asarray(gold_reward(prompt_records, replies), np.float64)
+  if not np.isfinite(gold).any():
+    return {}
+  correct = np.asarray(correctness(prompt_records, replies), np.float64)
+  return {"gold_reward": float(np.nanmean(gold)), "correct": float(np.nanmean(correct))}

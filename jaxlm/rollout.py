@@ -145,10 +145,11 @@ def sequence_scores(model, params, seqs: dict[str, Array]) -> Array:
 
 
 def score_fn(config: model_lib.ModelConfig, reward_config: model_lib.ModelConfig | None, *,
-             temperature: float) -> Callable:
+             temperature: float, score_policy: bool = True) -> Callable:
   """The scorer's pure, unjitted body: `score(policy, reference, reward, rollout) -> dict`.
 
-  `rollout` holds `ROLLOUT_KEYS`. The result: `log_probs` and `entropy` of the policy,
+  `rollout` holds `ROLLOUT_KEYS`. The result: `log_probs` and `entropy` of the policy (omitted
+  with `score_policy=False`, for a method that takes the old log-probs from the sampler),
   `ref_log_probs` (omitted when `reference` is None, e.g. a method without a KL term), and
   `score` (the reward model's, when `reward_config` is given; pass `reward=None` otherwise).
   A method that reads more models composes this with its own heads and jits the composition
@@ -160,8 +161,9 @@ def score_fn(config: model_lib.ModelConfig, reward_config: model_lib.ModelConfig
   def score_rollout(policy_params, reference_params, reward_params, rollout):
     seqs = pack_rollout(rollout)
     mask, tokens = rollout["mask"], rollout["response_tokens"]
-    log_probs, entropy = policy_log_probs(model, policy_params, seqs, tokens, mask, temperature)
-    out = {"log_probs": log_probs, "entropy": entropy}
+    out = {}
+    if score_policy:
+      out["log_probs"], out["entropy"] = policy_log_probs(model, policy_params, seqs, tokens, mask, temperature)
     if reference_params is not None:
       out["ref_log_probs"], _ = policy_log_probs(model, reference_params, seqs, tokens, mask, temperature)
     if reward_model is not None:
@@ -321,17 +323,21 @@ def rollout_diagnostics(rollout: dict[str, Array], scored: dict[str, Array]) -> 
     sampler_gap     `sampler_gap`: 0 up to float error when on-policy
     length          mean reply length in tokens (stop token included)
 
-  `scored` is a scorer's output with reference log-probs.
+  `scored` is a scorer's output with reference log-probs. When the scorer did not run the
+  policy (no `entropy` in `scored`; its `log_probs` are the sampler's), entropy and sampler_gap
+  are left to the update, which runs the policy anyway (`grpo.make_update`).
   """
   mask = rollout["mask"]
   rows = jnp.maximum(mask.shape[0], 1)
   log_ratio = jnp.where(mask, scored["log_probs"] - scored["ref_log_probs"], 0.0)
   k3 = jnp.where(mask, rl_losses.kl_k3(log_probs=scored["log_probs"], ref_log_probs=scored["ref_log_probs"]), 0.0)
-  return {"kl": jnp.sum(log_ratio) / rows, "kl_k3": jnp.sum(k3) / rows,
-          "entropy": rl_losses.masked_mean(values=scored["entropy"], mask=mask),
-          "sampler_gap": sampler_gap(log_probs=scored["log_probs"], sampler_log_probs=rollout["sampler_log_probs"],
-                                     mask=mask),
-          "length": jnp.mean(rollout["response_lengths"].astype(jnp.float32))}
+  out = {"kl": jnp.sum(log_ratio) / rows, "kl_k3": jnp.sum(k3) / rows,
+         "length": jnp.mean(rollout["response_lengths"].astype(jnp.float32))}
+  if "entropy" in scored:  # The scorer ran the policy.
+    out["entropy"] = rl_losses.masked_mean(values=scored["entropy"], mask=mask)
+    out["sampler_gap"] = sampler_gap(log_probs=scored["log_probs"], sampler_log_probs=rollout["sampler_log_probs"],
+                                     mask=mask)
+  return out
 
 
 def reply_diagnostics(*, ended: np.ndarray, response_lengths: np.ndarray,

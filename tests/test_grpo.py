@@ -38,7 +38,7 @@ def test_a_few_iterations_raise_a_verifiable_reward(advantage):
   reference = jax.tree.map(jnp.copy, state.params)
   update = grpo_lib.make_update(CONFIG, grpo, tx, state_shardings=jax.tree.map(lambda x: x.sharding, state),
                                 mesh=mesh)
-  scorer = rollout_lib.make_scorer(CONFIG, None, temperature=1.0)
+  scorer = grpo_lib.make_scorer(CONFIG, None, grpo)
   prompts = np.tile(np.asarray([[1, 5, 6, 9]], np.int32), (4, 1))
   lengths = np.asarray([4, 3, 4, 3], np.int32)
   rewards = []
@@ -52,6 +52,7 @@ def test_a_few_iterations_raise_a_verifiable_reward(advantage):
     advantage_values = grpo_lib.advantages(grpo_lib.score_with_kl(score, scored, rollout["mask"], grpo), grpo=grpo)
     state, metrics = update(state, grpo_lib.update_batch(rollout, scored, advantage_values))
     assert all(np.isfinite(float(v)) for v in metrics.values())
+    assert float(metrics["sampler_gap"]) < 1e-4  # The sampler's log-probs are the trainer's.
   assert int(state.step) == 10
   assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.3, rewards
 
@@ -162,3 +163,40 @@ def test_killed_grpo_resumes_to_the_same_parameters(tiny_grpo_run, tiny_sft_run,
     np.testing.assert_array_equal(a, b)
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if "sampler_gap" in r] == [1, 2, 3, 4]
+
+
+def test_old_log_probs_from_the_sampler_skip_the_policy_pass_and_agree_with_the_scorers():
+  params = sharding.unbox(model_lib.init_params(CONFIG, jax.random.key(0)))
+  reference = jax.tree.map(lambda x: x * 1.01, params)
+  rollout = rollout_lib.collect_rollout(params, np.asarray([[1, 5, 6, 9]] * 2, np.int32), np.asarray([4, 3], np.int32),
+                                        jax.random.key(1), config=CONFIG, temperature=1.0, max_new_tokens=6,
+                                        stop_ids=(3,), group_size=2)
+  by_sampler, by_scorer = (grpo_lib.GRPOConfig(group_size=2, old_log_probs=mode) for mode in ("sampler", "scorer"))
+  scorers = [grpo_lib.make_scorer(CONFIG, None, g) for g in (by_sampler, by_scorer)]
+  from_sampler, from_scorer = (s(params, reference, None, rollout) for s in scorers)
+  assert "entropy" not in from_sampler and "entropy" in from_scorer
+  np.testing.assert_array_equal(from_sampler["log_probs"],
+                                jnp.where(rollout["mask"], rollout["sampler_log_probs"], 0.0))
+  np.testing.assert_allclose(from_sampler["log_probs"], from_scorer["log_probs"], atol=1e-5)
+  np.testing.assert_array_equal(from_sampler["ref_log_probs"], from_scorer["ref_log_probs"])
+  # The skipped pass is real work: the sampler-mode program does about half the flops.
+  flops = [jax.jit(s).lower(params, reference, None, rollout).compile().cost_analysis()["flops"] for s in scorers]
+  assert flops[0] < 0.6 * flops[1], flops
+  # The update: the same step up to float error; the gap is measured on the first minibatch.
+  advantage = jnp.asarray([1.0, -1.0, 0.5, -0.5])
+  tx = optax.adam(1e-3)
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  results = []
+  for grpo, scored in ((by_sampler, from_sampler), (by_scorer, from_scorer)):
+    state, _ = training.create_train_state(functools.partial(model_lib.init_params, CONFIG), tx, jax.random.key(0),
+                                           mesh)
+    state = state.replace(params=jax.tree.map(lambda p, a: jax.device_put(jnp.copy(p), a.sharding), params,
+                                              state.params))  # A copy: the update donates it.
+    update = grpo_lib.make_update(CONFIG, grpo, tx, state_shardings=jax.tree.map(lambda x: x.sharding, state),
+                                  mesh=mesh)
+    results.append(update(state, grpo_lib.update_batch(rollout, scored, advantage)))
+  (state_a, metrics_a), (state_b, metrics_b) = results
+  assert float(metrics_a["sampler_gap"]) < 1e-4 and "sampler_gap" not in metrics_b
+  np.testing.assert_allclose(float(metrics_a["entropy"]), float(metrics_b["entropy"]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)

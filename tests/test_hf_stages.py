@@ -128,7 +128,7 @@ def test_ppo_runs_on_the_imported_lineage_with_a_fresh_value_head(hf_chain, data
   """PPO from the imported model's SFT run, gold reward, value model = SFT backbone + a new head
   (`value_from=sft` once failed: the SFT tree has no scalar head to place)."""
   workdir = tmp_path / "ppo"
-  _run(stage_command("ppo", workdir, f"--config.init_from={hf_chain[1]}", "--config.reward_from=gold",
+  _run(stage_command("ppo", workdir, f"--config.init_from={hf_chain[1]}", "--config.reward.weights.model=0", "--config.reward.weights.gold=1",
                      "--config.value_from=sft", "--config.total_steps=2", "--config.eval_every=2",
                      "--config.checkpoint_every=2", "--config.eval.num_prompts=4", "--config.eval.max_new_tokens=8"),
        data_cache)

@@ -7,6 +7,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxlm import model as model_lib
 from jaxlm import ppo
@@ -127,3 +128,27 @@ def test_killed_ppo_resumes_to_the_same_parameters(tiny_ppo_run, tiny_sft_run, t
     np.testing.assert_array_equal(a, b)
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if "sampler_gap" in r] == [1, 2, 3, 4]
+
+
+def test_ppo_reward_is_configured_by_weights_and_refuses_the_old_gold_spelling():
+  from experiments import ppo as ppo_stage
+  from jaxlm import errors
+  from test_run_integrity import tiny_config
+
+  base = ("--config.init_from=x", "--config.reward_from=r")
+  ppo_stage.check_config(tiny_config("ppo", *base))  # The reward model, normalised: the default.
+  assert ppo_stage.reward_of(tiny_config("ppo", *base)).weights == {"model": 1.0}
+  oracle = tiny_config("ppo", "--config.init_from=x", "--config.reward.weights.model=0",
+                       "--config.reward.weights.gold=1", "--config.value_from=sft")
+  ppo_stage.check_config(oracle)
+  assert ppo_stage.reward_of(oracle).weights == {"gold": 1.0} and not ppo_stage.reward_of(oracle).uses_model
+  cases = [(("--config.reward_from=gold",), "reward_from", "reward.weights.gold=1"),
+           (("--config.reward.weights.model=0", "--config.reward.weights.correct=1"), "value_from",
+            "use value_from=sft"),
+           (("--config.reward_from=",), "reward_from", "no reward-model run"),
+           (("--config.reward.weights.gold=1", "--config.value_from=sft", "--config.data.source=jsonl:p.jsonl"),
+            "reward.weights", "judge the embedded world")]
+  for overrides, key, message in cases:
+    with pytest.raises(errors.ConfigError, match=message) as e:
+      ppo_stage.check_config(tiny_config("ppo", "--config.init_from=x", "--config.reward_from=r", *overrides))
+    assert e.value.key == key, overrides

@@ -272,3 +272,44 @@ def test_reward_model_refuses_another_stage(tmp_path, world_tokenizer):
   run.update_manifest(complete=True)
   with pytest.raises(errors.ParentError, match="is a 'sft' run"):
     rewards.reward_model(tmp_path, world_tokenizer)
+
+
+def test_rollout_reward_reads_the_model_term_from_the_scorer(reward_run):
+  records, replies = [ADD, ADD, CAPITAL], [Reply("The answer is 12.", True), Reply("14", False),
+                                           Reply("Paris", True)]
+  reward = rewards.rollout_reward({"model": 1.0, "correct": 2.0, "gold": 0.0}, model_run=reward_run,
+                                  clip=0.3)
+  assert reward.uses_model and reward.weights == {"model": 1.0, "correct": 2.0}
+  assert reward.world_terms() == ["correct"]
+  with pytest.raises(RuntimeError, match="load_stats"):
+    reward.evaluate(records, replies, [0.0, 0.0, 0.0])
+  reward.load_stats()  # mean 0.25, std 2.0
+  total, parts = reward.evaluate(records, replies, np.asarray([0.25, 0.65, -9.0], np.float32))
+  np.testing.assert_allclose(parts["model"], [0.0, 0.2, -0.3], rtol=1e-6)  # normalised, then clipped
+  np.testing.assert_allclose(total, [2.0, 0.2, 1.7], rtol=1e-6)
+  with pytest.raises(ValueError, match="pass the scorer's scores"):
+    reward.evaluate(records, replies)
+  # Without a model term nothing is loaded and the scores are not needed.
+  rules = rewards.rollout_reward({"gold": 1.0, "model": 0.0})
+  assert not rules.uses_model and rules.world_terms() == ["gold"]
+  rules.load_stats()
+  np.testing.assert_allclose(rules.evaluate(records, replies)[0], rewards.gold_reward(records, replies))
+  # One reward model, the `model` term: a run named as a term, or `model` without a run, is refused.
+  with pytest.raises(errors.ConfigError, match="named as a term") as e:
+    rewards.rollout_reward({f"{reward_run}": 1.0}, model_run=reward_run)
+  assert e.value.key == "reward.weights"
+  with pytest.raises(errors.ConfigError) as e:
+    rewards.rollout_reward({"model": 1.0})
+  assert e.value.key == "reward_from"
+  with pytest.raises(errors.ConfigError) as e:
+    rewards.rollout_reward({"well_formed": 1.0}, clip=-1.0)
+  assert e.value.key == "reward.clip"
+
+
+def test_world_metrics_average_over_world_tasks_only():
+  records, replies = [ADD, USER, CAPITAL], [Reply("The answer is 12.", True), Reply("Hi.", True),
+                                            Reply("Berlin.", True)]
+  metrics = rewards.world_metrics(records, replies)
+  assert metrics["correct"] == 0.5
+  assert metrics["gold_reward"] == pytest.approx(np.nanmean(rewards.gold_reward(records, replies)))
+  assert rewards.world_metrics([USER], [Reply("Hi.", True)]) == {}

@@ -189,11 +189,13 @@ def test_parents_must_be_complete_runs_of_an_accepted_stage(tmp_path):
     ("sft", "--config.num_microbatches=3", "num_microbatches"),
     ("dpo", "--config.loss.name=kto", "loss.name"),
     ("ppo", "--config.alarms.action=panic", "alarms.action"),
+    ("ppo", "--config.reward.weights.model=0", "reward.weights"),
+    ("ppo", "--config.reward.clip=-1", "reward.clip"),
     ("reward", "--config.seq_len=4096", "seq_len"),
 ])
 def test_every_stage_checks_its_values_before_running(name, override, key):
   module = __import__(f"experiments.{name}", fromlist=["check_config"])
-  extra = [] if name == "pretrain" else ["--config.init_from=x", "--config.reward_from=gold", "--config.value_from=sft"][:1 + 2 * (name == "ppo")]
+  extra = [] if name == "pretrain" else ["--config.init_from=x", "--config.reward_from=r", "--config.value_from=sft"][:1 + 2 * (name == "ppo")]
   with pytest.raises(errors.ConfigError) as e:
     module.check_config(tiny_config(name, *extra, override))
   assert e.value.key == key and str(e.value).startswith(f"config.{key}")

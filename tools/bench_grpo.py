@@ -13,8 +13,9 @@ One timed iteration is what `experiments/grpo.py` does per step, on synthetic pr
    `--group_size` replies to each of `--prompts_per_step` prompts at temperature 1, exactly
    `--max_new_tokens` tokens each (`stop_ids=()`: no reply stops early, as on TRL's side, where
    `min_new_tokens` suppresses EOS); the reply tokens are read back to the host.
-2. score: `rollout.make_scorer` (one jitted program: the policy's log-probs and entropy, the frozen
-   reference's log-probs), the synthetic reward on the host, `grpo.score_with_kl` and
+2. score: `grpo.make_scorer` (one jitted program: the frozen reference's log-probs; the old
+   policy's are the sampler's with `grpo.old_log_probs=sampler`, the default, as TRL does with
+   one step per generation; `--config.grpo.old_log_probs=scorer` adds the policy's forward), the synthetic reward on the host, `grpo.score_with_kl` and
    `grpo.advantages` (group-relative, (r - mean) / (std + 1e-4)).
 3. train: `grpo.make_update` (one epoch, one minibatch: one clipped-ratio AdamW step with the k3
    KL to the reference in the loss, beta `grpo.kl_coef` 0.04, token-level normalisation), metrics
@@ -128,7 +129,7 @@ def main(argv) -> None:
   state, _ = training.create_train_state(init_fn, tx, jax.random.key(config.seed), mesh, rules)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
   reference_params = jax.tree.map(jnp.copy, state.params)  # The initial policy, sharded like it.
-  scorer = rollout_lib.make_scorer(model_config, None, temperature=grpo.temperature, mesh=mesh, rules=rules)
+  scorer = grpo_lib.make_scorer(model_config, None, grpo, mesh=mesh, rules=rules)
   update = grpo_lib.make_update(model_config, grpo, tx, state_shardings=state_shardings, mesh=mesh, rules=rules)
 
   rng = np.random.default_rng(0)
