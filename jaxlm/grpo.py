@@ -218,8 +218,7 @@ def make_update(config: model_lib.ModelConfig, grpo: GRPOConfig, tx: optax.Gradi
     rng, epoch_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
 
     def one_epoch(state, key):
-      order = jax.random.permutation(key, rows)
-      shuffled = jax.tree.map(lambda x: x[order].reshape((grpo.num_minibatches, -1) + x.shape[1:]), batch)
+      shuffled = rollout_lib.shuffled_minibatches(batch, key, grpo.num_minibatches, mesh=mesh, rules=rules)
       return jax.lax.scan(one_minibatch, state, shuffled)
 
     state, metrics = jax.lax.scan(one_epoch, state, jax.random.split(epoch_rng, grpo.epochs))

@@ -286,8 +286,7 @@ def make_update(config: model_lib.ModelConfig, ppo: PPOConfig, policy_tx: optax.
                                  opt_state=state.opt_state, rng=state.rng)
 
     def one_epoch(carry, key):
-      order = jax.random.permutation(key, rows)
-      shuffled = jax.tree.map(lambda x: x[order].reshape((ppo.num_minibatches, -1) + x.shape[1:]), batch)
+      shuffled = rollout_lib.shuffled_minibatches(batch, key, ppo.num_minibatches, mesh=mesh, rules=rules)
       return jax.lax.scan(one_minibatch, carry, shuffled)
 
     (policy, value), metrics = jax.lax.scan(one_epoch, (policy, state.value),

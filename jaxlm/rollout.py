@@ -214,6 +214,34 @@ def make_scorer(config: model_lib.ModelConfig, reward_config: model_lib.ModelCon
 # ------------------------------------------------------------------------------------------------
 # Rollouts: G samples per prompt.
 # ------------------------------------------------------------------------------------------------
+def shuffled_minibatches(batch: dict[str, Array], key: Array, num_minibatches: int, *,
+                         mesh: jax.sharding.Mesh, rules=sharding_lib.DEFAULT_RULES) -> dict[str, Array]:
+  """[R, ...] -> [num_minibatches, R / num_minibatches, ...] in a random row order, for a scan.
+
+  Each minibatch is constrained to stay split along its rows over the mesh's batch axes. A
+  gather by a random permutation leaves the sharding of its result to XLA's propagation, which
+  can replicate it: every device then computes every row of the update. Seen with GRPO's
+  update at the `:cpu` shape on 2 devices, 33.6 GFLOP per device against 16.8 with the
+  constraint (`compile().cost_analysis()`); in other setups propagation split the rows anyway.
+  """
+  rows = batch["mask"].shape[0]
+  order = jax.random.permutation(key, rows)
+  shuffled = jax.tree.map(lambda x: x[order].reshape((num_minibatches, -1) + x.shape[1:]), batch)
+  split = sharding_lib.named_sharding(mesh, (None, "batch"), rules)
+  if (rows // num_minibatches) % _batch_parts(split):
+    return shuffled  # A minibatch smaller than the batch axes: XLA's choice.
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, split), shuffled)
+
+
+def _batch_parts(split: jax.sharding.NamedSharding) -> int:
+  """How many ways `split` divides its second axis."""
+  axes = split.spec[1] if len(split.spec) > 1 else None
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([split.mesh.shape[a] for a in axes]))
+
+
 def repeat_prompts(prompt_tokens, prompt_lengths, group_size: int) -> tuple[Any, Any]:
   """Each prompt `group_size` times in a row: [B, P], [B] -> [B * G, P], [B * G].
 
