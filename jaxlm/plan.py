@@ -301,7 +301,7 @@ def _ppo_programs(config, model_config, mesh, rules) -> list[Program]:
         policy, prompts["prompt_tokens"], prompts["prompt_lengths"], key, config=model_config,
         sampling=sampling.SamplingConfig(temperature=settings.temperature), max_new_tokens=n, stop_ids=(1, 2),
         mesh=mesh, rules=rules)
-  reward_config = None if config.reward_from == "gold" else model_config
+  reward_config = model_config if float(config.reward.weights.get("model", 0.0)) else None  # the reward model
   scorer = ppo_lib.make_scorer(model_config, reward_config, settings, mesh=mesh, rules=rules)
   with sharding.use_mesh(mesh, rules):
     scored = scorer.jitted.lower(policy, policy, value, value if reward_config else None, rollout)
