@@ -295,15 +295,20 @@ class RewardModelReward:
 
   def normalize(self, raw_scores) -> np.ndarray:
     """Raw scores (this text path's, or a fused scorer's on token ids) -> this reward's scale."""
-    scores = np.asarray(raw_scores, np.float64)
-    if self.stats is not None:
-      scores = (scores - self.stats[0]) / self.stats[1]
-    if self.clip:
-      scores = np.clip(scores, -self.clip, self.clip)
-    return scores.astype(np.float32)
+    return normalized_scores(raw_scores, self.stats, self.clip).astype(np.float32)
 
   def __call__(self, prompt_records, replies) -> np.ndarray:
     return self.normalize(self.raw(prompt_records, replies))
+
+
+def normalized_scores(raw_scores, stats: tuple[float, float] | None, clip: float) -> np.ndarray:
+  """``clip((s - mean) / std)`` in float64 [B]: no normalisation when `stats` is None, no clip at 0."""
+  scores = np.asarray(raw_scores, np.float64)
+  if stats is not None:
+    scores = (scores - stats[0]) / stats[1]
+  if clip:
+    scores = np.clip(scores, -clip, clip)
+  return scores
 
 
 def read_reward_stats(run_dir: str | os.PathLike) -> tuple[float, float]:
@@ -628,14 +633,9 @@ class RolloutReward:
 
   def model_values(self, raw_scores) -> np.ndarray:
     """The scorer's raw reward-model scores [B] -> the ``model`` term: clip((s - mean) / std)."""
-    scores = np.asarray(raw_scores, np.float64)
-    if self.normalize:
-      if self.stats is None:
-        raise RuntimeError("RolloutReward.load_stats() was not called")
-      scores = (scores - self.stats[0]) / self.stats[1]
-    if self.clip:
-      scores = np.clip(scores, -self.clip, self.clip)
-    return scores
+    if self.normalize and self.stats is None:
+      raise RuntimeError("RolloutReward.load_stats() was not called")
+    return normalized_scores(raw_scores, self.stats if self.normalize else None, self.clip)
 
   def evaluate(self, prompt_records, replies, model_scores=None
                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
