@@ -50,12 +50,6 @@ from jaxlm.data import pipelines
 PARENTS = {"init_from": ("sft", "dpo", "import"), "reward_from": ("reward",), "eval.judge": ("reward",)}
 
 
-def reward_of(config) -> rewards.RolloutReward:
-  """The configured weighted reward (errors name `reward.weights` / `reward_from`)."""
-  return rewards.rollout_reward(config.reward.weights, nan=config.reward.nan, model_run=config.reward_from,
-                                normalize=config.reward.normalize, clip=config.reward.clip)
-
-
 def check_config(config) -> grpo_lib.GRPOConfig:
   """Every config value, before anything is written; returns the method's settings."""
   config_checks.check_common(config)
@@ -77,10 +71,7 @@ def check_config(config) -> grpo_lib.GRPOConfig:
     raise errors.ConfigError("max_new_tokens", f"max_prompt_len + max_new_tokens = "
                              f"{config.max_prompt_len + config.max_new_tokens} exceeds config.model.max_len="
                              f"{config.model.max_len}")
-  world_terms = reward_of(config).world_terms()
-  if world_terms and config.data.source != "world":
-    raise errors.ConfigError("reward.weights", f"{world_terms} judge the embedded world's tasks, but "
-                             f"config.data.source={config.data.source!r}")
+  rewards.stage_reward(config)  # Refuses unknown terms and world terms off the world's data.
   return grpo
 
 
@@ -92,7 +83,7 @@ def main(argv) -> None:
   stage.adopt_parent_model(config)  # an imported parent's shape, not the preset's
   stage.quiet_library_logs()
   session_start = time.perf_counter()
-  reward_fn = reward_of(config)
+  reward_fn = rewards.stage_reward(config)
   uses_model = reward_fn.uses_model
 
   # ----------------------------------------------------------------------------------------------

@@ -62,12 +62,6 @@ PARENTS = {"init_from": ("sft", "dpo", "import"), "reward_from": ("reward",), "e
 
 
 
-def reward_of(config) -> rewards.RolloutReward:
-  """The configured weighted reward (errors name `reward.weights` / `reward_from`)."""
-  return rewards.rollout_reward(config.reward.weights, nan="raise", model_run=config.reward_from,
-                                normalize=config.reward.normalize, clip=config.reward.clip)
-
-
 def check_config(config) -> None:
   """Every config value, before anything is written."""
   config_checks.check_common(config)
@@ -78,14 +72,11 @@ def check_config(config) -> None:
                              "reward term (--config.reward.weights.model=0 --config.reward.weights.gold=1 "
                              "--config.value_from=sft)")
   config_checks.number_in(config, "reward.clip", 0.0, float("inf"), high_open=True)
-  reward = reward_of(config)
+  reward = rewards.stage_reward(config)
   config_checks.one_of(config, "value_from", ("reward", "sft"))
   if config.value_from == "reward" and not reward.uses_model:
     raise errors.ConfigError("value_from", "'reward' starts the value model from the reward model, but "
                              "reward.weights.model is 0; use value_from=sft")
-  if reward.world_terms() and config.data.source != "world":
-    raise errors.ConfigError("reward.weights", f"{reward.world_terms()} judge the embedded world's tasks, but "
-                             f"config.data.source={config.data.source!r}; use a reward model (weights.model)")
   for key in ("ppo.ppo_epochs", "ppo.num_minibatches"):
     config_checks.positive_int(config, key)
   if config.rollout_batch % config.ppo.num_minibatches:
@@ -123,7 +114,7 @@ def main(argv) -> None:
   stage.quiet_library_logs()
   session_start = time.perf_counter()
   ppo = ppo_lib.PPOConfig(**dict(config.ppo))
-  reward_fn = reward_of(config)
+  reward_fn = rewards.stage_reward(config)
 
   # ----------------------------------------------------------------------------------------------
   # Mesh, run directory, the parent's tokenizer and shape.

@@ -284,23 +284,33 @@ def _dpo_programs(config, model_config, mesh, rules) -> list[Program]:
                         knob=("batch_size", "mesh.fsdp"))]
 
 
-def _ppo_programs(config, model_config, mesh, rules) -> list[Program]:
-  from jaxlm import ppo as ppo_lib  # Deferred: each stage's library only where planned.
-  from jaxlm import sampling
+def _rollout_and_sampler(params, model_config, mesh, rules, *, rows: int, prompt_len: int, new_tokens: int,
+                         temperature: float):
+  """An on-policy stage's abstract rollout batch (prompts + replies, rows split) and its lowered sampler."""
+  from jaxlm import sampling  # Deferred: each stage's library only where planned.
 
-  settings = ppo_lib.PPOConfig(**dict(config.ppo))
-  b, p, n = config.rollout_batch, config.max_prompt_len, config.max_new_tokens
-  roles = ppo_lib.state_spec(config, model_config, mesh, rules)
-  policy, value = roles.abstract_state.params, roles.abstract_state.value.params
+  b, p, n = rows, prompt_len, new_tokens
   prompts = _rows(mesh, rules, {"prompt_tokens": ((b, p), jnp.int32), "prompt_lengths": ((b,), jnp.int32)})
   rollout = {**prompts, **_rows(mesh, rules, {"response_tokens": ((b, n), jnp.int32),
                                               "response_lengths": ((b,), jnp.int32), "mask": ((b, n), jnp.bool_)})}
   with sharding.use_mesh(mesh, rules):
     key = jax.eval_shape(lambda: jax.random.key(0))  # Abstract: nothing may run on a compile-only target.
     sampler = sampling.lower_generate(
-        policy, prompts["prompt_tokens"], prompts["prompt_lengths"], key, config=model_config,
-        sampling=sampling.SamplingConfig(temperature=settings.temperature), max_new_tokens=n, stop_ids=(1, 2),
+        params, prompts["prompt_tokens"], prompts["prompt_lengths"], key, config=model_config,
+        sampling=sampling.SamplingConfig(temperature=temperature), max_new_tokens=n, stop_ids=(1, 2),
         mesh=mesh, rules=rules)
+  return rollout, sampler
+
+
+def _ppo_programs(config, model_config, mesh, rules) -> list[Program]:
+  from jaxlm import ppo as ppo_lib  # Deferred: each stage's library only where planned.
+
+  settings = ppo_lib.PPOConfig(**dict(config.ppo))
+  b, p, n = config.rollout_batch, config.max_prompt_len, config.max_new_tokens
+  roles = ppo_lib.state_spec(config, model_config, mesh, rules)
+  policy, value = roles.abstract_state.params, roles.abstract_state.value.params
+  rollout, sampler = _rollout_and_sampler(policy, model_config, mesh, rules, rows=b, prompt_len=p, new_tokens=n,
+                                          temperature=settings.temperature)
   reward_config = model_config if float(config.reward.weights.get("model", 0.0)) else None  # the reward model
   scorer = ppo_lib.make_scorer(model_config, reward_config, settings, mesh=mesh, rules=rules)
   with sharding.use_mesh(mesh, rules):
@@ -329,7 +339,6 @@ def _ppo_programs(config, model_config, mesh, rules) -> list[Program]:
 def _grpo_programs(config, model_config, mesh, rules) -> list[Program]:
   """GRPO's sampler (prompts x G rows), critic-free scorer and policy update."""
   from jaxlm import grpo as grpo_lib  # Deferred: each stage's library only where planned.
-  from jaxlm import sampling
 
   settings = grpo_lib.GRPOConfig(**dict(config.grpo))
   b, p, n = config.prompts_per_step * settings.group_size, config.max_prompt_len, config.max_new_tokens
@@ -339,15 +348,8 @@ def _grpo_programs(config, model_config, mesh, rules) -> list[Program]:
   tx, _ = training.make_optimizer(**config.optimizer, total_steps=updates, params=abstract_params)
   state = training.abstract_train_state(init_fn, tx, mesh, rules)
   uses_model = float(config.reward.weights.get("model", 0.0)) != 0.0
-  prompts = _rows(mesh, rules, {"prompt_tokens": ((b, p), jnp.int32), "prompt_lengths": ((b,), jnp.int32)})
-  rollout = {**prompts, **_rows(mesh, rules, {"response_tokens": ((b, n), jnp.int32),
-                                              "response_lengths": ((b,), jnp.int32), "mask": ((b, n), jnp.bool_)})}
-  with sharding.use_mesh(mesh, rules):
-    key = jax.eval_shape(lambda: jax.random.key(0))  # Abstract: nothing may run on a compile-only target.
-    sampler = sampling.lower_generate(
-        state.params, prompts["prompt_tokens"], prompts["prompt_lengths"], key, config=model_config,
-        sampling=sampling.SamplingConfig(temperature=settings.temperature), max_new_tokens=n, stop_ids=(1, 2),
-        mesh=mesh, rules=rules)
+  rollout, sampler = _rollout_and_sampler(state.params, model_config, mesh, rules, rows=b, prompt_len=p,
+                                          new_tokens=n, temperature=settings.temperature)
   scorer = grpo_lib.make_scorer(model_config, model_config if uses_model else None, settings, mesh=mesh,
                                 rules=rules)
   reward_params = None

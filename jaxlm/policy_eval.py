@@ -4,7 +4,9 @@ After SFT, DPO and PPO the policy answers the test prompts and is measured by (m
 
   gold_reward   mean world gold reward (`world_reward.gold_reward`), over the prompts that carry
                 a world task in their ``meta`` (others have no gold reward); `num_gold` of them
-  correct       fraction of those answered correctly (`world_reward.is_correct`)
+  correct       fraction of those answered correctly (`world_reward.is_correct`); and
+                ``correct/<domain>`` per task domain of the world (arithmetic, list, country,
+                animal, thing), `correct_by_domain`
   reward        mean score of a `Judge` (e.g. `reward_model_judge`), over every prompt
   well_formed   fraction of replies that end their turn with the chat format's end of turn
                 (jaxlm: ``<|end|>``; Llama 3: ``<|eot_id|>``; ChatML: ``<|im_end|>``)
@@ -336,6 +338,19 @@ def _check_win_rate_judge(judge: Judge | None, gold: np.ndarray, wants_win_rate:
                              "reward-model run directory")
 
 
+def correct_by_domain(prompt_records: Sequence[Mapping[str, Any]], correct: np.ndarray,
+                      judged: np.ndarray) -> dict[str, float]:
+  """``correct/<domain>``: the correct fraction per world task domain (arithmetic, list, country, ...).
+
+  A mean over hundreds of mixed tasks can hide that a method learned one kind of task (sums,
+  which generalise from the training prompts) and not another (facts about subjects the
+  training prompts never named). Records without a domain in their meta are left out.
+  """
+  domains = np.asarray([str(r.get("meta", {}).get("domain", "")) if judged[i] else ""
+                        for i, r in enumerate(prompt_records)])
+  return {f"correct/{d}": float(np.mean(correct[domains == d])) for d in sorted(set(domains) - {""})}
+
+
 def score_replies(prompt_records: Sequence[Mapping[str, Any]], replies: Replies, *,
                   judge: Judge | None = None, baseline: Replies | None = None,
                   log_ratios: np.ndarray | None = None) -> tuple[dict[str, float], list[dict]]:
@@ -394,6 +409,7 @@ def score_replies(prompt_records: Sequence[Mapping[str, Any]], replies: Replies,
                    correct=float(correct[has_gold].mean()), num_gold=float(gold_index.size))
     add("gold_reward", gold, has_gold)
     add("correct", correct, has_gold, bool)
+    metrics.update(correct_by_domain(prompt_records, correct, has_gold))
   if judge is not None:
     reward = np.asarray(judge(prompt_records, replies.texts, ended), np.float64)
     metrics["reward"] = float(reward.mean())

@@ -673,6 +673,22 @@ def rollout_reward(weights: Any, *, nan: str = "raise", model_run: str = "", nor
   return RolloutReward(weighted, model_run=str(model_run), normalize=bool(normalize), clip=float(clip))
 
 
+def stage_reward(config) -> RolloutReward:
+  """The `RolloutReward` of an on-policy stage's config (PPO, GRPO): ``reward.weights``,
+  ``reward.nan`` (absent: "raise"), ``reward.normalize``, ``reward.clip``, ``reward_from``.
+
+  The world's rule terms (`WORLD_TERMS`) on another data source would score nothing: a
+  `ConfigError` naming ``reward.weights``, before anything runs.
+  """
+  block = config.reward
+  reward = rollout_reward(block.weights, nan=block.get("nan", "raise"), model_run=config.reward_from,
+                          normalize=block.normalize, clip=block.clip)
+  if reward.world_terms() and config.data.source != "world":
+    raise errors.ConfigError("reward.weights", f"{reward.world_terms()} judge the embedded world's tasks, but "
+                             f"config.data.source={config.data.source!r}; use a reward model (weights.model)")
+  return reward
+
+
 def world_metrics(prompt_records, replies) -> dict[str, float]:
   """``gold_reward`` and ``correct`` means over the replies to world tasks (empty if none)."""
   gold = np.asarray(gold_reward(prompt_records, replies), np.float64)

@@ -120,6 +120,23 @@ def test_config_refusals():
       grpo_lib.GRPOConfig(**bad)
 
 
+
+def test_stage_config_refusals_name_the_key():
+  """The stage's own checks (experiments/grpo.py), before anything is written."""
+  from experiments import grpo as grpo_stage
+  from jaxlm import errors
+  from test_run_integrity import tiny_config
+
+  grpo_stage.check_config(tiny_config("grpo", "--config.init_from=x"))  # The defaults pass.
+  cases = [(("--config.data.source=jsonl:p.jsonl",), "reward.weights", "embedded world"),
+           (("--config.reward.weights.model=1",), "reward_from", "reward-model run"),
+           (("--config.init_from=",), "init_from", "required"),
+           (("--config.grpo.group_size=1",), "grpo", "group_size")]
+  for flags, key, words in cases:
+    with pytest.raises(errors.ConfigError, match=words) as caught:
+      grpo_stage.check_config(tiny_config("grpo", "--config.init_from=x", *flags))
+    assert caught.value.key == key, (flags, caught.value.key)
+
 # ------------------------------------------------------------------------------------------------
 # The stage end to end: the session's `:tiny` pipeline runs it from its tiny SFT run
 # (`conftest.tiny_grpo_run`); a second run here is killed and resumed.

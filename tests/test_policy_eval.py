@@ -89,6 +89,23 @@ def test_win_rate_counts_ties_half(world_prompts):
   assert rows[0]["gold_reward"] > rows[0]["baseline_gold_reward"]
 
 
+def test_correct_by_domain_splits_the_correct_fraction_by_task_domain(small_world):
+  """Right answers to arithmetic only: correct/arithmetic is 1, every other domain 0, and the
+  domains' counts weight them into the overall correct."""
+  records = list(world.generate("prompt", "test", small_world))[:60]
+  domains = [r["meta"]["domain"] for r in records]
+  assert "arithmetic" in domains and len(set(domains)) >= 3, domains  # The test needs a mix.
+  texts = [f"The answer is {r['meta']['answer']}." if d == "arithmetic" else "I do not know."
+           for r, d in zip(records, domains)]
+  records.append(USER_PROMPTS[0])  # No world task: in no domain, no gold reward.
+  texts.append("Hello.")
+  metrics, rows = policy_eval.score_replies(records, _replies(texts, [True] * len(texts)))
+  by_domain = {k: v for k, v in metrics.items() if k.startswith("correct/")}
+  assert by_domain == {f"correct/{d}": float(d == "arithmetic") for d in set(domains)}
+  assert metrics["correct"] == pytest.approx(domains.count("arithmetic") / len(domains))
+  assert [r.get("correct") for r in rows[:-1]] == [d == "arithmetic" for d in domains]
+
+
 def test_well_formed_counts_only_replies_ending_with_end_of_turn(world_tokenizer, world_prompts):
   ids = world_tokenizer.encode("The answer is 16.")
   parse = lambda x: policy_eval.reply_from_ids(world_tokenizer, np.asarray(x, np.int32))

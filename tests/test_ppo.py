@@ -11,6 +11,7 @@ import pytest
 
 from jaxlm import model as model_lib
 from jaxlm import ppo
+from jaxlm import rewards
 from jaxlm import rollout as rollout_lib
 from jaxlm import sharding
 from jaxlm import training
@@ -137,11 +138,11 @@ def test_ppo_reward_is_configured_by_weights_and_refuses_the_old_gold_spelling()
 
   base = ("--config.init_from=x", "--config.reward_from=r")
   ppo_stage.check_config(tiny_config("ppo", *base))  # The reward model, normalised: the default.
-  assert ppo_stage.reward_of(tiny_config("ppo", *base)).weights == {"model": 1.0}
+  assert rewards.stage_reward(tiny_config("ppo", *base)).weights == {"model": 1.0}
   oracle = tiny_config("ppo", "--config.init_from=x", "--config.reward.weights.model=0",
                        "--config.reward.weights.gold=1", "--config.value_from=sft")
   ppo_stage.check_config(oracle)
-  assert ppo_stage.reward_of(oracle).weights == {"gold": 1.0} and not ppo_stage.reward_of(oracle).uses_model
+  assert rewards.stage_reward(oracle).weights == {"gold": 1.0} and not rewards.stage_reward(oracle).uses_model
   cases = [(("--config.reward_from=gold",), "reward_from", "reward.weights.gold=1"),
            (("--config.reward.weights.model=0", "--config.reward.weights.correct=1"), "value_from",
             "use value_from=sft"),
