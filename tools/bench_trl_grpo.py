@@ -46,9 +46,10 @@ Not equal (each favours or costs one side; none changes the work's size):
 
 * jaxlm samples with a fixed-size KV cache inside one compiled loop; TRL calls transformers'
   `generate` (a Python loop over tokens with a dynamic cache).
-* jaxlm's scorer always computes the policy's log-probs at sampling time (the "old" log-probs);
-  TRL skips that forward when `num_iterations == 1` (the ratio is then exactly 1) and gets
-  the log-probs from the training forward. So TRL does one policy forward less per iteration.
+* The "old" log-probs: jaxlm takes them from the sampler (`grpo.old_log_probs=sampler`, the
+  default: no extra forward); TRL skips that forward when `num_iterations == 1` (the ratio is
+  then exactly 1 and it detaches the training forward's log-probs). Neither side runs a
+  separate policy forward; both run the reference's.
 * TRL computes its per-step metrics with several `.item()` reads, entropy statistics and
   gathers; jaxlm reads its metrics back once per iteration too (as its experiment does).
 * jaxlm runs blocked causal attention and an unrolled layer loop under XLA; torch runs SDPA.
