@@ -15,8 +15,11 @@ cache), with a callback that stamps `time.perf_counter()` at every `on_step_end`
 trainer step is one GRPO iteration: generate G replies to each of `--prompts_per_step`
 prompts, score them (reward function, reference log-probs), advantages, one optimizer step,
 exactly like one jaxlm iteration. The first `--warmup` steps are dropped; the mean (and the best)
-over the `--steps` timed steps is reported, with the process CPU time. The time split inside a
-step is not reported (TRL does not expose it without patching the trainer).
+over the `--steps` timed steps is reported, with the process CPU time, and a split of the step
+like jaxlm's: the trainer's `_generate` (generate), the rest of `_generate_and_score_completions`
+(score: reward function, reference log-probs, advantages) and the rest of the step (train:
+forward, backward, optimizer step), timed by wrapping those two methods on the trainer
+instance (their code is TRL's, unchanged).
 
 Equal on both sides:
 
@@ -71,6 +74,20 @@ import transformers
 import trl
 
 from bench_trl_dpo import llama_model  # the same random model as the DPO comparison (tools/ is on sys.path)
+
+
+def time_calls(obj, name: str, durations: list) -> None:
+  """Wraps the bound method `obj.name` so that each call appends its wall time to `durations`."""
+  method = getattr(obj, name)
+
+  def timed(*args, **kwargs):
+    start = time.perf_counter()
+    try:
+      return method(*args, **kwargs)
+    finally:
+      durations.append(time.perf_counter() - start)
+
+  setattr(obj, name, timed)
 
 
 class StepClock(transformers.TrainerCallback):
@@ -151,6 +168,9 @@ def main():
     trainer = trl.GRPOTrainer(model=model, reward_funcs=even_id_fraction, args=config, train_dataset=train,
                               processing_class=tokenizer, callbacks=[clock])
     setup_s = time.perf_counter() - start
+    generate_s, generate_and_score_s = [], []
+    time_calls(trainer, "_generate", generate_s)
+    time_calls(trainer, "_generate_and_score_completions", generate_and_score_s)
     result = trainer.train()
 
   ends = clock.ends
@@ -163,6 +183,11 @@ def main():
   cpu_s = (clock.cpu_ends[-1] - clock.cpu_ends[first]) / args.steps
   for s in steps:
     print(f"  step: {s * 1e3:.0f} ms ({p * g / s:.1f} replies/s)", flush=True)
+  if len(generate_s) != total_steps or len(generate_and_score_s) != total_steps:
+    raise RuntimeError(f"{len(generate_s)} generations for {total_steps} steps: not one per step")
+  generate = float(np.mean(generate_s[args.warmup:]))
+  score = float(np.mean(generate_and_score_s[args.warmup:])) - generate
+  split = {"generate": generate, "score": score, "train": mean_s - generate - score}
   lengths = [float(h["completions/min_length"]) for h in trainer.state.log_history if "completions/min_length" in h]
   num_params = sum(x.numel() for x in trainer.model.parameters())
   replies = p * g
@@ -171,9 +196,11 @@ def main():
         f"attn {args.attn}, beta {args.beta}, setup {setup_s:.1f} s, train loss {result.training_loss:.4f}, "
         f"shortest completion {min(lengths) if lengths else float('nan'):.0f} tokens")
   print(f"mean of {args.steps} steps: {mean_s * 1e3:.0f} ms/step, {replies / mean_s:.1f} replies/s "
-        f"(best {replies / best_s:.1f}); process CPU {cpu_s * 1e3:.0f} ms/step")
+        f"(best {replies / best_s:.1f}); split generate {split['generate'] * 1e3:.0f} / score "
+        f"{split['score'] * 1e3:.0f} / train {split['train'] * 1e3:.0f} ms; process CPU {cpu_s * 1e3:.0f} ms/step")
   print(json.dumps({"framework": "trl", "samples_per_s": round(replies / mean_s, 2),
                     "best_samples_per_s": round(replies / best_s, 2), "ms_per_step": round(mean_s * 1e3, 1),
+                    "split_ms": {k: round(v * 1e3, 1) for k, v in split.items()},
                     "cpu_ms_per_step": round(cpu_s * 1e3, 1), "prompts_per_step": p, "group_size": g,
                     "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens, "steps": args.steps,
                     "threads": args.threads, "attn": args.attn, "trl": trl.__version__,
