@@ -15,8 +15,8 @@ rewards of `reward.weights` (`jaxlm/rewards.py`: the world's verifiable correctn
 group-relative advantages and takes clipped-ratio policy steps (`jaxlm/grpo.py`).
 
 Ablations: grpo.advantage (grpo | rloo | dr_grpo), grpo.loss_norm (token | sequence | constant),
-grpo.clip_eps_high (DAPO's clip-higher), grpo.kl_coef, grpo.kl_in (loss | reward),
-grpo.group_size, reward.weights.*.
+grpo.clip_eps_high (DAPO's clip-higher), grpo.dynamic_sampling_rounds (DAPO's dynamic sampling),
+grpo.kl_coef, grpo.kl_in (loss | reward), grpo.group_size, reward.weights.*.
 """
 
 from ml_collections import config_dict
@@ -57,6 +57,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
       kl_in="loss",               # loss: beta * k3 per token | reward: beta * sum k1 subtracted from the score
       temperature=1.0,            # sampling at T=1 without truncation: exact log-probs
       old_log_probs="sampler",    # log pi_old: sampler (no extra forward) | scorer (teacher-forced pass)
+      dynamic_sampling_rounds=0,  # DAPO: up to R more draws to replace groups whose rewards are all equal
   ))
   # Weighted sum of rewards (jaxlm/rewards.py): gold (the world's gold reward), correct (the
   # verifiable answer check), well_formed (ended its turn, not empty), sentence (the gold
@@ -100,6 +101,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.prompts_per_step = 4
     c.total_steps = 4
     c.grpo.num_minibatches = 2
+    c.grpo.dynamic_sampling_rounds = 1  # The tests' runs (and their kill/resume) take the longer path.
     c.eval_every = 2
     c.checkpoint_every = 2
     c.eval.update(dict(num_prompts=16, max_new_tokens=16, batch_size=16, num_samples=4))

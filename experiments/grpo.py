@@ -158,41 +158,66 @@ def main(argv) -> None:
     writer.write_samples(iteration, rows[: config.eval.num_samples])
     return result
 
-  def one_iteration(state, iteration: int):
-    """Rollout of G replies per prompt, rewards, advantages, update: (new state, metrics)."""
+  def draw(state, iteration: int, round_: int) -> dict:
+    """One batch of prompts, G replies each, scored, rewarded and with advantages."""
     prompts = next(prompt_iter)
     records = [prompt_source[int(i)] for i in prompts["record_index"] for _ in range(grpo.group_size)]
-    times = {}
+    key = jax.random.fold_in(jax.random.key(config.seed), iteration)
+    if round_:  # Dynamic sampling's later rounds: fresh keys; round 0 keeps the plain per-iteration key.
+      key = jax.random.fold_in(key, round_)
     start = time.perf_counter()
     rollout = rollout_lib.collect_rollout(
-        state.params, prompts["prompt_tokens"], prompts["prompt_lengths"],
-        jax.random.fold_in(jax.random.key(config.seed), iteration), config=model_config,
+        state.params, prompts["prompt_tokens"], prompts["prompt_lengths"], key, config=model_config,
         temperature=grpo.temperature, max_new_tokens=config.max_new_tokens, stop_ids=tok.chat_format.stop_ids,
         group_size=grpo.group_size, prompt_ids=prompts["record_index"], mesh=mesh)
     response_tokens, lengths = jax.device_get((rollout["response_tokens"], rollout["response_lengths"]))
-    times["time_generate"] = time.perf_counter() - start
+    generate_s = time.perf_counter() - start
 
     start = time.perf_counter()
     scored = scorer(state.params, reference_params, reward_params, rollout)
     texts, ended = rollout_lib.decode_replies(tok, response_tokens, lengths)
     replies = [rewards.Reply(t, bool(e)) for t, e in zip(texts, ended)]
     total, parts = reward_fn.evaluate(records, replies, jax.device_get(scored["score"]) if uses_model else None)
-    score = grpo_lib.score_with_kl(total, scored, rollout["mask"], grpo)
-    advantage = grpo_lib.advantages(score, grpo=grpo)
-    diagnostics = {**rollout_lib.rollout_diagnostics(rollout, scored),
-                   **grpo_lib.group_diagnostics(jnp.asarray(total), advantage, group_size=grpo.group_size)}
+    advantage = grpo_lib.advantages(grpo_lib.score_with_kl(total, scored, rollout["mask"], grpo), grpo=grpo)
     jax.block_until_ready(advantage)
-    times["time_score"] = time.perf_counter() - start
+    return dict(records=records, rollout=rollout, scored=scored, replies=replies, ended=ended, lengths=lengths,
+                total=total, parts=parts, advantage=advantage, generate_s=generate_s,
+                score_s=time.perf_counter() - start)
+
+  def one_iteration(state, iteration: int):
+    """Rollout of G replies per prompt, rewards, advantages, update: (new state, metrics).
+
+    The rollout metrics describe the iteration's first draw, so they compare across runs with
+    and without dynamic sampling; `sampling_rounds` and `informative_groups` say what the
+    update trained on.
+    """
+    first = draw(state, iteration, 0)
+    rounds = [first]
+    informative = [grpo_lib.informative_groups(first["total"], group_size=grpo.group_size)]
+    num_groups = len(informative[0])
+    while len(rounds) <= grpo.dynamic_sampling_rounds and sum(map(np.sum, informative)) < num_groups:
+      rounds.append(draw(state, iteration, len(rounds)))
+      informative.append(grpo_lib.informative_groups(rounds[-1]["total"], group_size=grpo.group_size))
+    picks = grpo_lib.pick_groups(informative, num_groups)
+    batch = grpo_lib.gather_groups([grpo_lib.update_batch(r["rollout"], r["scored"], r["advantage"]) for r in rounds],
+                                   picks, group_size=grpo.group_size)
+    diagnostics = {**rollout_lib.rollout_diagnostics(first["rollout"], first["scored"]),
+                   **grpo_lib.group_diagnostics(jnp.asarray(first["total"]), first["advantage"],
+                                                group_size=grpo.group_size)}
+    times = {"time_generate": sum(r["generate_s"] for r in rounds), "time_score": sum(r["score_s"] for r in rounds)}
 
     start = time.perf_counter()
-    state, update_metrics = update(state, grpo_lib.update_batch(rollout, scored, advantage))
+    state, update_metrics = update(state, batch)
     update_metrics = jax.device_get(update_metrics)
     times["time_train"] = time.perf_counter() - start
     metrics = {k: float(v) for k, v in {**jax.device_get(diagnostics), **update_metrics}.items()}
-    metrics.update(times, **rollout_lib.reply_diagnostics(ended=ended, response_lengths=lengths,
-                                                          generate_seconds=times["time_generate"]),
-                   reward=float(np.mean(total)), **rewards.WeightedSum.metrics(parts),
-                   **rewards.world_metrics(records, replies))  # NaN off the world's tasks: absent
+    metrics.update(times, **rollout_lib.reply_diagnostics(ended=first["ended"], response_lengths=first["lengths"],
+                                                          generate_seconds=first["generate_s"]),
+                   reward=float(np.mean(first["total"])), **rewards.WeightedSum.metrics(first["parts"]),
+                   **rewards.world_metrics(first["records"], first["replies"]))  # NaN off the world's tasks: absent
+    if grpo.dynamic_sampling_rounds:
+      metrics.update(sampling_rounds=float(len(rounds)),
+                     informative_groups=float(np.mean([informative[r][g] for r, g in picks])))
     return state, metrics
 
   # ----------------------------------------------------------------------------------------------

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxlm import group_rl_losses as glosses
@@ -73,6 +74,11 @@ class GRPOConfig:
       generation); the update measures the sampler/trainer gap on its first minibatch, before
       any step. "scorer": a teacher-forced forward pass in the scorer (the PPO way), with the
       policy's entropy and the gap over every reply measured there.
+    dynamic_sampling_rounds: DAPO's dynamic sampling. A group whose G rewards are all equal has
+      zero advantage everywhere and teaches nothing but the KL term; with R > 0 an iteration
+      draws up to R more batches of prompts and trains on the first P groups, in draw order,
+      that do differ (`pick_groups`); short of P after R rounds, the uninformative groups fill
+      the batch in draw order. 0: off (train on the first draw, as the GRPO paper).
   """
 
   group_size: int = 4
@@ -86,6 +92,7 @@ class GRPOConfig:
   kl_in: str = "loss"
   temperature: float = 1.0
   old_log_probs: str = "sampler"
+  dynamic_sampling_rounds: int = 0
 
   def __post_init__(self):
     if not isinstance(self.group_size, int) or self.group_size < 2:
@@ -101,6 +108,8 @@ class GRPOConfig:
     if not 0.0 < self.clip_eps_low < 1.0 or not self.clip_eps_high > 0.0:
       raise ValueError(f"need 0 < clip_eps_low < 1 and clip_eps_high > 0, got {self.clip_eps_low!r}, "
                        f"{self.clip_eps_high!r}")
+    if not isinstance(self.dynamic_sampling_rounds, int) or self.dynamic_sampling_rounds < 0:
+      raise ValueError(f"dynamic_sampling_rounds must be an int >= 0, got {self.dynamic_sampling_rounds!r}")
     for name in ("epochs", "num_minibatches"):
       if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
         raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
@@ -245,6 +254,57 @@ def update_batch(rollout: dict[str, Array], scored: dict[str, Array], advantage:
   """The arrays `make_update`'s step reads."""
   return {**{k: rollout[k] for k in rollout_lib.ROLLOUT_KEYS}, "log_probs": scored["log_probs"],
           "ref_log_probs": scored["ref_log_probs"], "advantages": advantage}
+
+
+def informative_groups(rewards, *, group_size: int) -> np.ndarray:
+  """bool [P]: which groups' G rewards (host [P * G], before any KL term) are not all equal.
+
+  Only these carry a learning signal: every estimator's advantages are 0 in a constant group
+  (with kl_in="reward", all that is left there is the spread of the groups' KL terms).
+  """
+  grouped = np.asarray(rewards, np.float64).reshape(-1, group_size)
+  return grouped.max(axis=-1) != grouped.min(axis=-1)
+
+
+def pick_groups(informative: Sequence[np.ndarray], num_groups: int) -> list[tuple[int, int]]:
+  """The (round, group) pairs an update trains on, from the `informative` flags of each round.
+
+  The first `num_groups` informative groups in draw order (round 0's first); if there are
+  fewer, the first uninformative ones fill the rest. Returned in draw order, so one round's
+  groups keep their rows' places. Deterministic: a resumed run picks the same groups.
+
+  >>> pick_groups([np.array([True, False, False]), np.array([False, True, True])], 3)
+  [(0, 0), (1, 1), (1, 2)]
+  >>> pick_groups([np.array([False, True, False]), np.array([False, False, False])], 3)
+  [(0, 0), (0, 1), (0, 2)]
+  """
+  drawn = [(r, g) for r, flags in enumerate(informative) for g in range(len(flags))]
+  useful = [rg for rg in drawn if informative[rg[0]][rg[1]]]
+  useless = [rg for rg in drawn if not informative[rg[0]][rg[1]]]
+  if len(drawn) < num_groups:
+    raise ValueError(f"{len(drawn)} groups drawn, {num_groups} needed")
+  return sorted((useful + useless)[:num_groups])
+
+
+def gather_groups(batches: Sequence[dict[str, Array]], picks: Sequence[tuple[int, int]], *,
+                  group_size: int) -> dict[str, Array]:
+  """The rows of the picked groups, in pick order: each [len(picks) * G, ...], placed as round 0's.
+
+  `batches` are per-round dicts of equal keys and shapes, rows grouped contiguously (G rows per
+  prompt, as `collect_rollout` lays them out). A group's rows move together, so its advantages
+  (computed within the group) stay valid.
+  """
+  if len(batches) == 1 and list(picks) == [(0, g) for g in range(len(picks))]:
+    return dict(batches[0])  # The first draw, whole and in order: nothing to move.
+  rows_per_round = next(iter(batches[0].values())).shape[0]
+  groups_per_round = rows_per_round // group_size
+  rows = np.asarray([(r * groups_per_round + g) * group_size + j for r, g in picks for j in range(group_size)])
+  out = {}
+  for key, first in batches[0].items():
+    stacked = jnp.concatenate([b[key] for b in batches], axis=0) if len(batches) > 1 else first
+    taken = jnp.take(stacked, rows, axis=0)
+    out[key] = jax.device_put(taken, first.sharding) if taken.shape == first.shape else taken
+  return out
 
 
 @functools.partial(jax.jit, static_argnames="group_size")

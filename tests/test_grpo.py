@@ -115,10 +115,36 @@ def test_the_minibatch_loss_is_the_clipped_objective_plus_the_k3_term():
 
 def test_config_refusals():
   for bad in (dict(group_size=1), dict(advantage="ppo"), dict(loss_norm="mean"), dict(kl_in="both"),
-              dict(clip_eps_low=1.0), dict(num_minibatches=0)):
+              dict(clip_eps_low=1.0), dict(num_minibatches=0), dict(dynamic_sampling_rounds=-1)):
     with pytest.raises(ValueError):
       grpo_lib.GRPOConfig(**bad)
 
+
+
+def test_dynamic_sampling_trains_on_whole_informative_groups_in_draw_order():
+  rewards = np.asarray([1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0], np.float32)  # G = 4: groups 0, 1, 2
+  np.testing.assert_array_equal(grpo_lib.informative_groups(rewards, group_size=4), [False, True, False])
+  flags = [np.asarray([False, True, False]), np.asarray([True, False, True])]
+  assert grpo_lib.pick_groups(flags, 3) == [(0, 1), (1, 0), (1, 2)]  # The first 3 informative ones.
+  assert grpo_lib.pick_groups(flags[:1], 3) == [(0, 0), (0, 1), (0, 2)]  # Short: the rest fill, in place.
+  assert grpo_lib.pick_groups([np.asarray([False, False]), np.asarray([False, True])], 2) == [(0, 0), (1, 1)]
+  with pytest.raises(ValueError):
+    grpo_lib.pick_groups(flags[:1], 4)
+
+  # Rows move with their group, whatever the array's trailing shape; the result is placed like round 0's.
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  rows = 12  # 3 groups of 4 per round
+  rounds = [{"ids": jax.device_put(np.arange(rows, dtype=np.int32) + 100 * r, split),
+             "tokens": jax.device_put(np.arange(rows * 3, dtype=np.float32).reshape(rows, 3) + 1000 * r, split)}
+            for r in range(2)]
+  batch = grpo_lib.gather_groups(rounds, [(0, 1), (1, 0), (1, 2)], group_size=4)
+  np.testing.assert_array_equal(batch["ids"], [4, 5, 6, 7, 100, 101, 102, 103, 108, 109, 110, 111])
+  np.testing.assert_array_equal(batch["tokens"][4], np.arange(3) + 1000)
+  np.testing.assert_array_equal(batch["tokens"][8], np.arange(24, 27) + 1000)
+  assert batch["ids"].sharding == split and batch["tokens"].sharding == split
+  same = grpo_lib.gather_groups(rounds[:1], [(0, 0), (0, 1), (0, 2)], group_size=4)
+  assert same["ids"] is rounds[0]["ids"]  # One whole round in order: untouched.
 
 
 def test_stage_config_refusals_name_the_key():
@@ -155,6 +181,9 @@ def test_a_tiny_grpo_run_writes_a_complete_run_directory(tiny_grpo_run, tiny_sft
               "clip_fraction", "zero_std_groups", "length", "end_rate", "time_generate", "time_train"):
     assert all(np.isfinite(r[key]) for r in iterations), key
   assert max(r["sampler_gap"] for r in iterations) < 1e-4  # On-policy: sampler == trainer.
+  # The :tiny preset samples dynamically (one extra round at most); the kill/resume test below
+  # covers its resume, where an iteration consumes a varying number of prompt batches.
+  assert all(r["sampling_rounds"] in (1.0, 2.0) and 0 <= r["informative_groups"] <= 1 for r in iterations)
   assert "scalar_head" not in checkpoint.load_parent(workdir).params
 
 

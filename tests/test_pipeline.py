@@ -118,6 +118,11 @@ def test_the_pipeline_survives_a_kill_and_completes_every_stage(tiny_pipeline):
   for name in plots:
     assert f"]({name})" in text
   assert "## Replies side by side" in text and "## Headline metrics" in text
+  # The three alignments of the same SFT model in one table, each with its evaluation's row.
+  side_by_side = text.split("## Alignment: SFT, PPO, GRPO and DPO on the same held-out prompts")[1]
+  rows = [line.split("|")[1].strip() for line in side_by_side.split("\n\n##")[0].splitlines()
+          if line.startswith("| ") and not line.startswith("| policy")]
+  assert rows == ["SFT (reference)", "ppo", "grpo", "dpo"], rows
 
 
 def test_the_compilation_cache_is_the_flag_else_the_environment_else_in_the_workdir(monkeypatch, tmp_path):
