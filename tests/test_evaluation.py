@@ -1,5 +1,7 @@
 """Evaluation by generation and by likelihood, against direct computations."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,12 +31,22 @@ def params(world_tokenizer):
   return config, jax.tree.map(lambda p: p * 6.0, sharding.unbox(model_lib.init_params(config, jax.random.key(3))))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _token_log_probs(config, params, inputs, targets):
+  logits = model_lib.Transformer(config).apply({"params": params}, inputs).logits
+  return losses.token_log_probs(logits=logits, targets=targets)[0]
+
+
 def _direct_score(config, params, tok, prefix, answer):
+  """Mean log-prob of the answer's tokens after the prefix, by one plain forward pass."""
   ids = [tok.bos_id] + tok.encode(prefix) + tok.encode(answer)
   start = 1 + len(tok.encode(prefix))
-  logits = model_lib.Transformer(config).apply({"params": params}, jnp.asarray([ids[:-1]])).logits
-  log_probs = losses.token_log_probs(logits=logits, targets=jnp.asarray([ids[1:]]))[0]
-  return float(jnp.mean(log_probs[start - 1:]))
+  # Right-padded to max_len so that one compilation serves every probe: in a causal model the
+  # padding after the last real token cannot change the log-probs before it.
+  pad = [0] * (config.max_len + 1 - len(ids))
+  inputs, targets = jnp.asarray([ids[:-1] + pad]), jnp.asarray([ids[1:] + pad])
+  log_probs = _token_log_probs(config, params, inputs, targets)
+  return float(jnp.mean(log_probs[start - 1:len(ids) - 1]))
 
 
 def test_fact_choice_picks_the_most_likely_answer_of_the_family(params, world_tokenizer):

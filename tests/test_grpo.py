@@ -92,12 +92,12 @@ def test_the_minibatch_loss_is_the_clipped_objective_plus_the_k3_term():
   advantage = jnp.asarray([1.0, -1.0, 0.5, -0.5])
   batch = grpo_lib.update_batch(rollout, scored, advantage)
   batch["log_probs"] = batch["log_probs"] - 0.3 * rollout["mask"]  # ratios e^0.3 > 1 + eps: some clipping
+  mask = rollout["mask"]
+  log_probs, _ = rollout_lib.policy_log_probs(model, params, rollout_lib.pack_rollout(rollout),
+                                              rollout["response_tokens"], mask, 1.0)
   for norm in grpo_lib.LOSS_NORMS:
     grpo = grpo_lib.GRPOConfig(group_size=2, loss_norm=norm, kl_coef=0.1, clip_eps_high=0.28)
     loss, metrics = grpo_lib.minibatch_loss(model, params, batch, grpo)
-    mask = rollout["mask"]
-    log_probs, _ = rollout_lib.policy_log_probs(model, params, rollout_lib.pack_rollout(rollout),
-                                                rollout["response_tokens"], mask, 1.0)
     token_losses, _ = group_rl_losses.clipped_policy_loss(
         log_probs=log_probs, old_log_probs=batch["log_probs"], advantages=advantage, mask=mask, clip_eps_low=0.2,
         clip_eps_high=0.28)
