@@ -215,6 +215,8 @@ def main(argv) -> None:
                                                           generate_seconds=first["generate_s"]),
                    reward=float(np.mean(first["total"])), **rewards.WeightedSum.metrics(first["parts"]),
                    **rewards.world_metrics(first["records"], first["replies"]))  # NaN off the world's tasks: absent
+    # The fraction of the first draw's groups whose G rewards were all equal (no signal).
+    metrics["zero_std_groups"] = float(1.0 - np.mean(informative[0]))
     if grpo.dynamic_sampling_rounds:
       metrics.update(sampling_rounds=float(len(rounds)),
                      informative_groups=float(np.mean([informative[r][g] for r, g in picks])))

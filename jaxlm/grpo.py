@@ -309,11 +309,9 @@ def gather_groups(batches: Sequence[dict[str, Array]], picks: Sequence[tuple[int
 
 @functools.partial(jax.jit, static_argnames="group_size")
 def group_diagnostics(scores: Array, advantage: Array, *, group_size: int) -> dict[str, Array]:
-  """How informative the groups were (float32 scalars): `zero_std_groups`, the fraction of
-  prompts whose G replies all scored the same (no learning signal; DAPO's dynamic sampling
-  drops them), `score_std_within`, the mean within-group std of the scores, and
-  `advantage_abs_mean`."""
+  """How large the groups' signal was (float32 scalars): `score_std_within`, the mean
+  within-group std of the scores, and `advantage_abs_mean`. (How many groups had none is
+  `informative_groups`' complement: the experiment logs it as `zero_std_groups`.)"""
   grouped = scores.astype(jnp.float32).reshape(-1, group_size)
-  return {"zero_std_groups": jnp.mean((jnp.max(grouped, -1) == jnp.min(grouped, -1)).astype(jnp.float32)),
-          "score_std_within": jnp.mean(jnp.std(grouped, axis=-1)),
+  return {"score_std_within": jnp.mean(jnp.std(grouped, axis=-1)),
           "advantage_abs_mean": jnp.mean(jnp.abs(advantage))}

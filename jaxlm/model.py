@@ -290,10 +290,6 @@ class Embed(nn.Module):
     copies = jnp.broadcast_to(table, (shards, *table.shape))
     return nn.with_logical_constraint(copies, ("batch" if shards > 1 else None, "vocab", None))
 
-  def attend(self, h: Array) -> Array:
-    """The tied LM head alone (the sampler's prefill): h [B, T, E] -> logits [B, T, V] float32."""
-    return _per_copy(_tied_logits, self.copies(h.shape[0]), h.astype(self.config.compute_dtype))
-
 
 def _batch_shards() -> int:
   """How many ways the mesh and logical rules in context split `batch` (1 without a mesh)."""

@@ -329,8 +329,14 @@ def _generate(params, prompt_tokens, prompt_lengths, rng, *, config, sampling, m
               positions=jnp.broadcast_to(index, (batch, prompt_len)), cache=cache, lm_head=False)
   hidden = jnp.take_along_axis(out.hidden, jnp.maximum(prompt_lengths - 1, 0)[:, None, None],
                                axis=1)
-  last = _lm_head(params, config, hidden)[:, 0]
   head = _decode_head(params, config)
+
+  def logits_of(h):
+    """The LM head on one position per row: h [B, E] -> [B, V] float32."""
+    logits = jnp.dot(h, head, preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits, ("batch", "vocab"))
+
+  last = logits_of(hidden[:, 0])
 
   stops = jnp.asarray(tuple(stop_ids) or (-1,), jnp.int32)
   uniforms = None if sampling.greedy else _step_uniforms(rng, batch, n)
@@ -353,8 +359,7 @@ def _generate(params, prompt_tokens, prompt_lengths, rng, *, config, sampling, m
     position = (prompt_lengths + state["t"] - 1)[:, None]
     out = apply(state["token"][:, None], segment_ids=live, positions=position,
                 cache=state["cache"], lm_head=False)
-    logits = jnp.dot(out.hidden[:, 0], head, preferred_element_type=jnp.float32)
-    return emit({**state, "cache": out.cache}, nn.with_logical_constraint(logits, ("batch", "vocab")))
+    return emit({**state, "cache": out.cache}, logits_of(out.hidden[:, 0]))
 
   zeros = lambda dtype: nn.with_logical_constraint(jnp.zeros((n, batch), dtype), (None, "batch"))
   state = {"cache": out.cache, "token": jnp.zeros((batch,), jnp.int32),
@@ -371,16 +376,10 @@ def _generate(params, prompt_tokens, prompt_lengths, rng, *, config, sampling, m
                     lengths=emitted.sum(axis=1).astype(jnp.int32))
 
 
-def _lm_head(params, config: model_lib.ModelConfig, hidden: Array) -> Array:
-  """The model's own LM head on hidden [B, T, E]: the prefill needs logits at one position
-  per row, not at all P (a V x E matmul per prompt token)."""
-  if config.tie_embeddings:
-    return model_lib.Embed(config).apply({"params": params["embed"]}, hidden, method="attend")
-  return model_lib.LMHead(config).apply({"params": params["lm_head"]}, hidden)
-
-
 def _decode_head(params, config: model_lib.ModelConfig) -> Array:
-  """The LM head as an [E, V] kernel in the compute dtype, made once before the decode loop.
+  """The LM head as an [E, V] kernel in the compute dtype, made once per call for the prefill's
+  last position and every decode step (the prefill needs logits at one position per row, not
+  at all P: the model's own head would be a V x E matmul per prompt token).
 
   A tied head reads the embedding [V, E] transposed; inside the loop XLA:CPU copied that
   transpose (1 MB at V 2048, E 128) at every step rather than once.
